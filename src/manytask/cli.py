@@ -1,0 +1,143 @@
+"""The ``manytask`` command line: train, compare, list.
+
+Errors caused by input (an unknown key, method or path, a value of the wrong type …) are printed
+as one short message without a traceback, and the command exits with status 2. A run that
+stops on a NaN loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from manytask import __version__, registry
+from manytask.config import load_config
+from manytask.errors import ManytaskError, NonFiniteLossError
+from manytask.evaluate.leaderboard import Leaderboard
+
+LIST_KINDS = {
+    "balancers": "balancer",
+    "architectures": "architecture",
+    "encoders": "encoder",
+    "datasets": "dataset",
+    "metrics": "metric",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="manytask", description="Multi-task learning: train, balance, compare."
+    )
+    parser.add_argument("--version", action="version", version=f"manytask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="YAML config file")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+        )
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = sub.add_parser("train", help="train one model from a config")
+    common(train)
+
+    compare = sub.add_parser(
+        "compare", help="single-task baselines and several balancers, with a leaderboard"
+    )
+    common(compare)
+    compare.add_argument(
+        "--methods", required=True, help="comma-separated balancer names, e.g. ew,uw,dwa,rlw"
+    )
+    compare.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+
+    listing = sub.add_parser("list", help="registered methods, architectures, datasets, metrics")
+    listing.add_argument("kind", nargs="?", choices=sorted(LIST_KINDS), help="only this kind")
+    return parser
+
+
+def _print_leaderboard(console: Console, board: Leaderboard, title: str) -> None:
+    table = Table(title=title)
+    for i, column in enumerate(board.header()):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for cells in board.cells():
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _list(console: Console, kind: str | None) -> None:
+    for label, registry_kind in LIST_KINDS.items():
+        if kind is not None and label != kind:
+            continue
+        table = Table(title=f"{label} ({len(registry.names(registry_kind))})", title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for entry in registry.entries(registry_kind):
+            table.add_row(entry.name, entry.summary)
+        console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    errors = Console(stderr=True, soft_wrap=True)
+
+    def fail(message: str, status: int) -> int:
+        print(f"error: {message}", file=sys.stderr)  # plain print: never wrapped or styled
+        return status
+    try:
+        if args.command == "list":
+            _list(console, args.kind)
+            return 0
+        if args.overwrite and args.resume:
+            raise ManytaskError("--overwrite and --resume exclude each other; choose one")
+        config = load_config(args.config, args.overrides)
+        progress = False if args.quiet else None
+        if args.command == "train":
+            from manytask.train.build import run_training
+
+            summary = run_training(config, overwrite=args.overwrite, resume=args.resume, progress=progress)
+            test = summary.get("test", {})
+            for task, metrics in test.items():
+                values = "  ".join(f"{m} {v:.4f}" for m, v in metrics.items())
+                console.print(f"test  {task}: {values}", highlight=False)
+            console.print(f"run directory: {config.run.dir / config.run_name}", highlight=False)
+            return 0
+        from manytask.train.compare import compare, compare_dir
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if args.seeds < 1:
+            raise ManytaskError(f"--seeds must be ≥ 1, got {args.seeds}")
+        board = compare(
+            config,
+            methods,
+            seeds=args.seeds,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=progress,
+            announce=lambda message: errors.print(message, highlight=False),
+        )
+        _print_leaderboard(console, board, f"{config.name}: test split, {args.seeds} seed(s)")
+        console.print(f"leaderboard written to {compare_dir(config)}/leaderboard.{{md,json}}", highlight=False)
+        return 0
+    except NonFiniteLossError as exc:
+        return fail(str(exc), 1)
+    except ManytaskError as exc:
+        return fail(str(exc), 2)
+    except KeyboardInterrupt:
+        errors.print("interrupted; continue later with --resume", highlight=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

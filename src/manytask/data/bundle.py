@@ -1,0 +1,26 @@
+"""What a built-in dataset provides: three splits, the task definitions and facts about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from manytask.data.batch import MultiTaskDataset
+from manytask.task import TaskSet
+
+
+@dataclass
+class DatasetBundle:
+    """Train/validation/test splits plus the tasks they label.
+
+    ``input_shape`` is the shape of one input sample (models are sized from it); ``info`` holds
+    facts worth reporting (sizes, seeds, measured label correlations …) and goes into the run's
+    ``summary.json``.
+    """
+
+    train: MultiTaskDataset
+    val: MultiTaskDataset
+    test: MultiTaskDataset
+    tasks: TaskSet
+    input_shape: tuple[int, ...]
+    info: dict[str, Any] = field(default_factory=dict)

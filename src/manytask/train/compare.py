@@ -1,0 +1,120 @@
+"""``compare``: single-task baselines and several balancers on the same data and seeds.
+
+Layout of ``runs/<name>-compare/``::
+
+    config.yaml                   the base config
+    single-task/<task>/seed-<s>/  one run directory per baseline model
+    <method>/seed-<s>/            one run directory per method and seed
+    leaderboard.json              the leaderboard (also printed)
+    leaderboard.md
+
+Every run sees the same splits (the dataset is built once) and, for a given seed, the same
+initialisation of the shared encoder and the same batch order. With ``resume``, finished runs
+are kept, interrupted runs continue from their last checkpoint, and missing runs start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from manytask import atomic, registry
+from manytask.config import ComponentConfig, Config, TaskConfig
+from manytask.errors import ConfigError, RunExistsError
+from manytask.evaluate.leaderboard import BASELINE, Leaderboard, build_leaderboard
+from manytask.train.build import load_dataset, run_training, select_tasks
+from manytask.train.rundir import RunDirectory
+
+Announce = Callable[[str], None]
+
+
+def compare_dir(config: Config) -> Path:
+    return config.run.dir / f"{config.run_name}-compare"
+
+
+def _run(
+    config: Config, path: Path, resume: bool, announce: Announce, **kwargs: Any
+) -> dict[str, Any]:
+    done = RunDirectory(path).read_summary()
+    if resume and done is not None and done.get("status") == "completed":
+        announce(f"{path}: finished earlier, kept")
+        return done
+    can_resume = resume and RunDirectory(path).latest_step() is not None
+    announce(f"{path}: {'resuming' if can_resume else 'training'}")
+    run_config = config.model_copy(
+        update={"run": config.run.model_copy(update={"dir": path.parent, "name": path.name})}
+    )
+    # under --resume, a run that left no checkpoint has nothing worth keeping: start it afresh
+    return run_training(run_config, overwrite=resume and not can_resume, resume=can_resume, **kwargs)
+
+
+def compare(
+    config: Config,
+    methods: Sequence[str],
+    seeds: int | Sequence[int] = 1,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool | None = None,
+    announce: Announce = print,
+) -> Leaderboard:
+    """Train the single-task baselines and each method for each seed; return the leaderboard."""
+    if not methods:
+        raise ConfigError("compare needs at least one method (e.g. --methods ew,uw,dwa,rlw)")
+    for method in methods:
+        registry.get("balancer", method)  # unknown names fail before any training
+    seed_list = [config.seed + i for i in range(seeds)] if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ConfigError("compare needs at least one seed")
+    root = compare_dir(config)
+    if root.exists() and any(root.iterdir()) and not (overwrite or resume):
+        raise RunExistsError(
+            f"compare directory '{root}' already exists; pass --overwrite to replace it or "
+            "--resume to finish it"
+        )
+    if overwrite and root.exists():
+        RunDirectory.create(root, overwrite=True)
+    root.mkdir(parents=True, exist_ok=True)
+    RunDirectory(root).write_config(config.to_dict())
+
+    bundle = load_dataset(config.data)
+    tasks = select_tasks(bundle.tasks, config.tasks)
+    overrides = config.tasks or {name: TaskConfig() for name in tasks.names}
+    kwargs = {"bundle": bundle, "progress": progress}
+
+    baselines: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in tasks.names}
+    baseline_seconds: list[float] = []
+    for seed in seed_list:
+        seconds = 0.0
+        for name in tasks.names:
+            single = config.model_copy(
+                update={
+                    "seed": seed,
+                    "tasks": {name: overrides[name]},
+                    "balancer": ComponentConfig(name="ew"),
+                }
+            )
+            path = root / BASELINE / name / f"seed-{seed}"
+            summary = _run(single, path, resume, announce, **kwargs)
+            baselines[name].append(summary["test"])
+            seconds += summary["seconds_per_epoch"]
+        baseline_seconds.append(seconds)
+
+    results: dict[str, list[tuple[dict[str, dict[str, float]], float]]] = {}
+    for method in methods:
+        results[method] = []
+        for seed in seed_list:
+            run = config.model_copy(update={"seed": seed, "balancer": _balancer_spec(config, method)})
+            path = root / method / f"seed-{seed}"
+            summary = _run(run, path, resume, announce, **kwargs)
+            results[method].append((summary["test"], summary["seconds_per_epoch"]))
+
+    board = build_leaderboard(tasks, baselines, baseline_seconds, results, seed_list)
+    atomic.write_json(root / "leaderboard.json", board.to_dict())
+    atomic.write_text(root / "leaderboard.md", board.to_markdown())
+    return board
+
+
+def _balancer_spec(config: Config, method: str) -> ComponentConfig:
+    """The configured balancer's parameters apply only when it is the method being run."""
+    return config.balancer if method == config.balancer.name else ComponentConfig(name=method)

@@ -1,0 +1,413 @@
+"""The Trainer: any model meeting the contract, any balancer, any torch optimizer.
+
+Per epoch it trains on shuffled batches, evaluates on the validation split, keeps the model with
+the best validation score (never looking at test), and may stop early; at the end it evaluates
+the selected model on the test split. With a run directory it writes ``metrics.jsonl``,
+checkpoints every ``checkpoint_every`` steps and at each epoch end, and ``summary.json``.
+
+Resuming is exact on the CPU: a checkpoint holds the model, optimizer, scheduler and balancer
+states, the global torch RNG state and the position in the epoch; the batch order of epoch ``e``
+is a permutation drawn from a generator seeded by ``(seed, e)``, so the resumed run sees the
+same batches in the same order and ends with the same weights and metrics as an uninterrupted
+one.
+
+Each step the Trainer reads the task loss values once (one device synchronisation) to stop on a
+NaN or infinite loss before it reaches the weights, naming the task and the step, and to show
+the running losses in the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from manytask.balance.base import Balancer, Need
+from manytask.data.batch import MultiTaskDataset
+from manytask.errors import ConfigError, NonFiniteLossError
+from manytask.evaluate.metrics import task_metrics
+from manytask.nn.base import MultiTaskModel
+from manytask.task import TaskSet
+from manytask.train.progress import ProgressDisplay
+from manytask.train.rundir import RunDirectory
+from manytask.train.statefile import join_state, split_state
+
+Results = dict[str, dict[str, float]]  # task -> metric -> value
+StepCallback = Callable[["Trainer"], None]
+
+
+@dataclass
+class TrainState:
+    """Where a run is and what it has seen; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    bad_evaluations: int = 0
+    stopped_early: bool = False
+    metric_lines: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    partial_epoch_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when the validation score has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    patience: int
+    min_delta: float = 0.0
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> Tensor:
+    """The sample order of one epoch: a permutation fixed by ``(seed, epoch)`` alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+class Trainer:
+    """Train a multi-task model with a balancer.
+
+    Args:
+        model: a :class:`~manytask.nn.MultiTaskModel`.
+        tasks: the tasks; their names key model outputs, targets and losses.
+        balancer: any :class:`~manytask.balance.Balancer` built for these task names. Its
+            parameters (if any) must be in the optimizer.
+        optimizer: any ``torch.optim`` optimizer.
+        train_data, val_data, test_data: datasets with ``len()`` and ``batch(indices)``.
+        scheduler: any ``torch.optim.lr_scheduler`` scheduler, stepped per ``scheduler_interval``.
+        epochs, batch_size, eval_batch_size: as named.
+        device: where the model and batches live.
+        seed: fixes the batch order (model initialisation is the caller's).
+        run_dir: where to write metrics, checkpoints and the summary (None: nothing is written).
+        checkpoint_every: also checkpoint every this many steps (0: only at epoch ends).
+        keep_checkpoints: how many step checkpoints to keep.
+        selection: the validation score that selects the model: ``"mean_primary"`` (mean of
+            each task's primary metric, negated where lower is better), ``"loss"`` (sum of the
+            validation losses, lower is better) or ``"TASK/METRIC"``.
+        early_stopping: stop when the selection score stops improving.
+        grad_clip: clip the gradient norm of all parameters to this value.
+        log_every: steps between progress-bar updates.
+        progress: show the progress bar and epoch lines.
+        callbacks: functions called with the trainer after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tasks: TaskSet,
+        balancer: Balancer,
+        optimizer: torch.optim.Optimizer,
+        train_data: MultiTaskDataset,
+        val_data: MultiTaskDataset | None = None,
+        test_data: MultiTaskDataset | None = None,
+        *,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        epochs: int = 10,
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        run_dir: RunDirectory | None = None,
+        checkpoint_every: int = 500,
+        keep_checkpoints: int = 2,
+        selection: str = "mean_primary",
+        early_stopping: EarlyStopping | None = None,
+        grad_clip: float | None = None,
+        log_every: int = 20,
+        progress: bool = True,
+        callbacks: Sequence[StepCallback] = (),
+    ) -> None:
+        if list(balancer.tasks) != list(tasks.names):
+            raise ConfigError(
+                f"the balancer was built for tasks {list(balancer.tasks)} but the trainer's tasks "
+                f"are {tasks.names}; build it with tasks=tasks.names"
+            )
+        if len(train_data) == 0:
+            raise ConfigError("the training data is empty")
+        if epochs < 1 or batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError("epochs, batch_size and eval_batch_size must be ≥ 1")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.balancer = balancer.to(self.device)
+        self._check_optimizer_covers_balancer(optimizer)
+        self.tasks = tasks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
+        self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
+        self.seed = seed
+        self.run_dir = run_dir
+        self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.selection = selection
+        self._check_selection()
+        self.early_stopping = early_stopping
+        self.grad_clip = grad_clip
+        self.log_every = log_every
+        self.display = ProgressDisplay(enabled=progress)
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self._shared = list(model.shared_parameters())
+        self._shown = 0  # progress-bar steps already shown in this epoch
+        self._epoch_losses: dict[str, float] = {}
+        self._epoch_weights: dict[str, float] = {}
+        self._best_in_memory: dict[str, Tensor] | None = None
+
+    # checks ---------------------------------------------------------------------------
+    def _check_optimizer_covers_balancer(self, optimizer: torch.optim.Optimizer) -> None:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in self.balancer.named_parameters() if id(p) not in in_optimizer]
+        if missing:
+            raise ConfigError(
+                f"the balancer has learnable parameters {missing} that the optimizer does not "
+                "update; build the optimizer over model.parameters() and balancer.parameters()"
+            )
+
+    def _check_selection(self) -> None:
+        if self.selection in ("mean_primary", "loss"):
+            return
+        task, _, metric = self.selection.partition("/")
+        if task not in self.tasks or metric not in (*self.tasks[task].metrics, "loss"):
+            choices = ["mean_primary", "loss"] + [
+                f"{name}/{m}" for name, t in self.tasks.items() for m in (*t.metrics, "loss")
+            ]
+            raise ConfigError(
+                f"unknown selection '{self.selection}'; valid choices: {', '.join(choices)}"
+            )
+
+    # public API -----------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_data) / self.batch_size)
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train (or continue training) and return the summary (also in ``summary.json``)."""
+        if resume:
+            self.load_checkpoint()
+        with self.display:
+            while self.state.epoch < self.epochs and not self.state.stopped_early:
+                self._train_epoch()
+                self._end_epoch()
+        return self._finish()
+
+    @torch.no_grad()
+    def evaluate(self, data: MultiTaskDataset) -> Results:
+        """Metrics and mean loss of every task on ``data``, with the current weights."""
+        was_training = self.model.training
+        self.model.eval()
+        outputs: dict[str, list[Tensor]] = {name: [] for name in self.tasks}
+        targets: dict[str, list[Tensor]] = {name: [] for name in self.tasks}
+        for start in range(0, len(data), self.eval_batch_size):
+            idx = torch.arange(start, min(start + self.eval_batch_size, len(data)))
+            batch = data.batch(idx).to(self.device)
+            out = self.model(batch.inputs)
+            for name in self.tasks:
+                outputs[name].append(out[name].float().cpu())
+                targets[name].append(batch.targets[name].cpu())
+        self.model.train(was_training)
+        results: Results = {}
+        for name, task in self.tasks.items():
+            output, target = torch.cat(outputs[name]), torch.cat(targets[name])
+            results[name] = task_metrics(task, output, target)
+            results[name]["loss"] = float(task.raw_loss(output, target))
+        return results
+
+    def selection_score(self, results: Results) -> float:
+        """The validation score to maximise (metrics where lower is better are negated)."""
+        if self.selection == "mean_primary":
+            values = []
+            for name, task in self.tasks.items():
+                sign = 1.0 if task.higher_is_better(task.primary_metric) else -1.0
+                values.append(sign * results[name][task.primary_metric])
+            return sum(values) / len(values)
+        if self.selection == "loss":
+            return -sum(results[name]["loss"] for name in self.tasks)
+        task_name, _, metric = self.selection.partition("/")
+        higher = metric != "loss" and self.tasks[task_name].higher_is_better(metric)
+        value = results[task_name][metric]
+        return value if higher else -value
+
+    # training -------------------------------------------------------------------------
+    def _train_epoch(self) -> None:
+        state = self.state
+        order = epoch_order(len(self.train_data), self.seed, state.epoch)
+        needs_features = self.balancer.needs is Need.FEATURE_GRADIENTS
+        running = torch.zeros(len(self.tasks), dtype=torch.float64)
+        running_count = 0
+        weight_sum: Tensor | None = None
+        self.model.train()
+        self.display.start_epoch(state.epoch, self.epochs, self.steps_per_epoch, state.step_in_epoch)
+        started = time.perf_counter()
+        for index in range(state.step_in_epoch, self.steps_per_epoch):
+            idx = order[index * self.batch_size : (index + 1) * self.batch_size]
+            batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
+            features = None
+            if needs_features:
+                outputs, features = self.model(batch.inputs, return_features=True)
+            else:
+                outputs = self.model(batch.inputs)
+            losses = self.tasks.losses(outputs, batch.targets)
+            values = torch.stack([v.detach().double() for v in losses.values()]).cpu()
+            self._check_finite(values)
+            self.optimizer.zero_grad(set_to_none=True)
+            step = self.balancer.backward(losses, shared=self._shared, features=features)
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            if self.scheduler is not None and self.scheduler_interval == "step":
+                self.scheduler.step()
+            weights = step.weights.detach().double()
+            weight_sum = weights if weight_sum is None else weight_sum + weights
+            running += values
+            running_count += 1
+            state.step_in_epoch = index + 1
+            state.global_step += 1
+            if running_count % self.log_every == 0 or state.step_in_epoch == self.steps_per_epoch:
+                means = dict(zip(self.tasks.names, (running / running_count).tolist()))
+                self.display.advance(running_count - self._shown, means)
+                self._shown = running_count
+            if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
+                state.partial_epoch_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save_checkpoint()
+            for callback in self.callbacks:
+                callback(self)
+        state.partial_epoch_seconds += time.perf_counter() - started
+        self._shown = 0
+        self._epoch_losses = dict(zip(self.tasks.names, (running / max(running_count, 1)).tolist()))
+        self._epoch_weights = (
+            dict(zip(self.tasks.names, (weight_sum / running_count).cpu().tolist()))
+            if weight_sum is not None
+            else {}
+        )
+
+    def _check_finite(self, values: Tensor) -> None:
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise NonFiniteLossError(self.tasks.names[bad], self.state.global_step + 1, float(values[bad]))
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        learning_rates = [group["lr"] for group in self.optimizer.param_groups]  # of this epoch
+        self.balancer.end_epoch()
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
+            self.scheduler.step()
+        state.epoch_seconds.append(state.partial_epoch_seconds)
+        state.partial_epoch_seconds = 0.0
+        state.epoch += 1
+        state.step_in_epoch = 0
+        record: dict[str, Any] = {
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "train_loss": self._epoch_losses,
+            "weights": self._epoch_weights,
+            "lr": learning_rates,
+            "seconds": state.epoch_seconds[-1],
+        }
+        message = f"epoch {state.epoch}/{self.epochs}  train " + "  ".join(
+            f"{k} {v:.4f}" for k, v in self._epoch_losses.items()
+        )
+        if self.val_data is not None:
+            val = self.evaluate(self.val_data)
+            score = self.selection_score(val)
+            record["val"] = val
+            record["score"] = score
+            improved = state.best_score is None or score > state.best_score + (
+                self.early_stopping.min_delta if self.early_stopping else 0.0
+            )
+            if improved:
+                state.best_score, state.best_epoch = score, state.epoch
+                state.bad_evaluations = 0
+                self._save_best(val)
+            else:
+                state.bad_evaluations += 1
+                if self.early_stopping and state.bad_evaluations >= self.early_stopping.patience:
+                    state.stopped_early = True
+            message += "  val " + "  ".join(
+                f"{name}/{task.primary_metric} {val[name][task.primary_metric]:.4f}"
+                for name, task in self.tasks.items()
+            )
+            message += "  *" if improved else ""
+        self.display.print(message)
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(record)
+            state.metric_lines += 1
+            self.save_checkpoint()
+
+    def _finish(self) -> dict[str, Any]:
+        state = self.state
+        best = self.run_dir.load_best() if self.run_dir is not None else self._best_in_memory
+        if best is not None:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in best.items()})
+        summary: dict[str, Any] = {
+            "status": "completed",
+            "epochs_run": state.epoch,
+            "steps": state.global_step,
+            "stopped_early": state.stopped_early,
+            "best_epoch": state.best_epoch,
+            "selection": self.selection,
+            "best_score": state.best_score,
+            "seconds_per_epoch": sum(state.epoch_seconds) / max(len(state.epoch_seconds), 1),
+            "epoch_seconds": state.epoch_seconds,
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "primary_metrics": {name: task.primary_metric for name, task in self.tasks.items()},
+        }
+        if self.val_data is not None:
+            summary["val"] = self.evaluate(self.val_data)
+        if self.test_data is not None:
+            summary["test"] = self.evaluate(self.test_data)
+        if self.run_dir is not None:
+            self.run_dir.write_summary(summary)
+        return summary
+
+    # checkpoints ----------------------------------------------------------------------
+    def _save_best(self, val: Results) -> None:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.run_dir is None:
+            self._best_in_memory = weights
+            return
+        self.run_dir.save_best(
+            weights, {"epoch": self.state.epoch, "score": self.state.best_score, "val": val}
+        )
+
+    def _training_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "balancer": self.balancer.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write the full training state to the run directory (no-op without one)."""
+        if self.run_dir is None:
+            return
+        tensors, skeleton = split_state(self._training_state(), "state")
+        meta = {"trainer": asdict(self.state), "state": skeleton}
+        self.run_dir.save_checkpoint(self.state.global_step, tensors, meta, self.keep_checkpoints)
+
+    def load_checkpoint(self) -> None:
+        """Restore the latest checkpoint of the run directory."""
+        if self.run_dir is None:
+            raise ConfigError("resuming needs a run directory")
+        tensors, meta = self.run_dir.load_checkpoint()
+        training = join_state(meta["state"], tensors)
+        self.model.load_state_dict(training["model"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        if self.scheduler is not None and training["scheduler"] is not None:
+            self.scheduler.load_state_dict(training["scheduler"])
+        self.balancer.load_state_dict(training["balancer"])
+        torch.set_rng_state(training["rng"])
+        self.state = TrainState(**meta["trainer"])
+        self.run_dir.truncate_metrics(self.state.metric_lines)
