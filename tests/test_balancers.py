@@ -95,7 +95,7 @@ def test_dwa_gradient_is_weighted_sum_and_state_resumes():
     p, losses = losses_at_one()
     step = dwa.backward(losses)
     assert torch.allclose(p.grad, step.weights[0] * G1 + step.weights[1] * G2)
-    p2, losses2 = losses_at_one()
+    _p2, losses2 = losses_at_one()
     assert torch.equal(restored.backward(losses2).weights, step.weights)
 
 

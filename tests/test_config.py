@@ -26,7 +26,11 @@ def write(tmp_path: Path, data: dict) -> Path:
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "manytask.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "manytask.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -62,7 +66,9 @@ def test_cli_missing_data_path(tmp_path):
 
 
 def test_cli_unknown_component_parameter_lists_valid_ones(tmp_path):
-    result = run_cli("train", str(write(tmp_path, BASE)), "--set", "balancer.temperature=2", cwd=tmp_path)
+    result = run_cli(
+        "train", str(write(tmp_path, BASE)), "--set", "balancer.temperature=2", cwd=tmp_path
+    )
     assert_short_error(result, "unknown key 'temperature' in balancer 'ew'")
     data = {**BASE, "model": {"name": "shared_bottom", "encoder": {"name": "mlp", "width": 3}}}
     result = run_cli("train", str(write(tmp_path, data)), cwd=tmp_path)
@@ -72,12 +78,16 @@ def test_cli_unknown_component_parameter_lists_valid_ones(tmp_path):
 def test_unknown_dataset_optimizer_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
-    result = run_cli("train", str(write(tmp_path, {**BASE, "optimizer": {"name": "adamm"}})), cwd=tmp_path)
+    result = run_cli(
+        "train", str(write(tmp_path, {**BASE, "optimizer": {"name": "adamm"}})), cwd=tmp_path
+    )
     assert_short_error(result, "unknown optimizer 'adamm'", "Did you mean 'adam'")
 
 
 def test_overrides_parse_yaml_values_and_reach_nested_keys():
-    data = apply_overrides({"train": {"epochs": 1}}, ["train.epochs=3", "model.encoder.hidden=[4, 2]"])
+    data = apply_overrides(
+        {"train": {"epochs": 1}}, ["train.epochs=3", "model.encoder.hidden=[4, 2]"]
+    )
     assert data["train"]["epochs"] == 3
     assert data["model"]["encoder"]["hidden"] == [4, 2]
     with pytest.raises(ConfigError, match="key=value"):

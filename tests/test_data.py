@@ -85,7 +85,8 @@ def test_real_multi_fashion_sizes_and_labels():
     for split in (bundle.train, bundle.val, bundle.test):
         for task in ("left", "right"):
             counts = torch.bincount(split.targets[task], minlength=10)
-            assert counts.numel() == 10 and int(counts.min()) > 0.05 * len(split)
+            assert counts.numel() == 10
+            assert int(counts.min()) > 0.05 * len(split)
 
 
 def test_synthetic_weight_cosine_is_the_nominal_correlation_and_labels_differ():
@@ -96,6 +97,6 @@ def test_synthetic_weight_cosine_is_the_nominal_correlation_and_labels_differ():
         assert -1 <= measured <= 1
         assert abs(measured - p) > 1e-3  # the sine terms move it away from p
     # with p = 1 both tasks share w: labels differ only by noise
-    x, y1, y2 = correlated_regression(2000, 1.0, seed=0)
+    _x, y1, y2 = correlated_regression(2000, 1.0, seed=0)
     assert np.corrcoef(y1, y2)[0, 1] > 0.99
     assert np.std(y1 - y2) == pytest.approx(0.1 * np.sqrt(2), rel=0.1)

@@ -10,7 +10,9 @@ from manytask.evaluate.metrics import accuracy, auroc, macro_f1, mae, r2, rmse, 
 def test_accuracy_multiclass_and_binary():
     logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
     assert accuracy(logits, torch.tensor([0, 1, 1, 1]), "multiclass") == 0.75
-    assert accuracy(torch.tensor([0.5, -0.5, 2.0]), torch.tensor([1.0, 0.0, 0.0]), "binary") == pytest.approx(2 / 3)
+    assert accuracy(
+        torch.tensor([0.5, -0.5, 2.0]), torch.tensor([1.0, 0.0, 0.0]), "binary"
+    ) == pytest.approx(2 / 3)
 
 
 def test_macro_f1_by_hand():
@@ -24,7 +26,7 @@ def test_macro_f1_by_hand():
 def test_binary_auroc_with_ties_by_hand():
     scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.4])
     labels = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
-    # positive/negative pairs: (0.35 vs .1)=1 (0.35 vs .4)=0 (0.8,.1)=1 (0.8,.4)=1 (0.4,.1)=1 (0.4,.4)=.5
+    # positive/negative pairs: (.35,.1)=1 (.35,.4)=0 (.8,.1)=1 (.8,.4)=1 (.4,.1)=1 (.4,.4)=.5
     assert auroc(scores, labels, "binary") == pytest.approx(4.5 / 6)
 
 

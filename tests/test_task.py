@@ -35,7 +35,8 @@ def test_all_missing_gives_zero_loss_that_still_backpropagates():
     loss = mt.Task("t", "cross_entropy", output_dim=3).compute_loss(out, torch.full((4,), -1))
     assert float(loss.detach()) == 0.0
     loss.backward()
-    assert out.grad is not None and torch.all(out.grad == 0)
+    assert out.grad is not None
+    assert torch.all(out.grad == 0)
 
 
 def test_callable_loss_receives_only_labelled_samples():
@@ -79,9 +80,12 @@ def test_task_errors_name_the_problem():
 
 def test_taskset_losses_and_errors():
     tasks = mt.TaskSet([mt.Task("a", "mse"), mt.Task("b", "l1")])
-    losses = tasks.losses({"a": torch.zeros(2), "b": torch.ones(2)}, {"a": torch.ones(2), "b": torch.ones(2)})
+    losses = tasks.losses(
+        {"a": torch.zeros(2), "b": torch.ones(2)}, {"a": torch.ones(2), "b": torch.ones(2)}
+    )
     assert list(losses) == ["a", "b"]
-    assert float(losses["a"]) == 1.0 and float(losses["b"]) == 0.0
+    assert float(losses["a"]) == 1.0
+    assert float(losses["b"]) == 0.0
     with pytest.raises(ConfigError, match="no output or target for task"):
         tasks.losses({"a": torch.zeros(2)}, {"a": torch.ones(2)})
     with pytest.raises(ConfigError, match="duplicate task name"):

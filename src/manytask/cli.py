@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def fail(message: str, status: int) -> int:
         print(f"error: {message}", file=sys.stderr)  # plain print: never wrapped or styled
         return status
+
     try:
         if args.command == "list":
             _list(console, args.kind)
@@ -106,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from manytask.train.build import run_training
 
-            summary = run_training(config, overwrite=args.overwrite, resume=args.resume, progress=progress)
+            summary = run_training(
+                config, overwrite=args.overwrite, resume=args.resume, progress=progress
+            )
             test = summary.get("test", {})
             for task, metrics in test.items():
                 values = "  ".join(f"{m} {v:.4f}" for m, v in metrics.items())
@@ -128,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             announce=lambda message: errors.print(message, highlight=False),
         )
         _print_leaderboard(console, board, f"{config.name}: test split, {args.seeds} seed(s)")
-        console.print(f"leaderboard written to {compare_dir(config)}/leaderboard.{{md,json}}", highlight=False)
+        console.print(
+            f"leaderboard written to {compare_dir(config)}/leaderboard.{{md,json}}", highlight=False
+        )
         return 0
     except NonFiniteLossError as exc:
         return fail(str(exc), 1)

@@ -156,12 +156,17 @@ def _fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str] | 
             return None
         annotation = field.annotation
         args = getattr(annotation, "__args__", ())
-        candidates = [a for a in (annotation, *args) if inspect.isclass(a) and issubclass(a, BaseModel)]
+        candidates = [
+            a for a in (annotation, *args) if inspect.isclass(a) and issubclass(a, BaseModel)
+        ]
         if not candidates:
             # a dict of models (tasks: {name: TaskConfig}) skips one level of the path
             nested = [a for a in args if getattr(a, "__args__", None)]
             candidates = [
-                b for a in nested for b in a.__args__ if inspect.isclass(b) and issubclass(b, BaseModel)
+                b
+                for a in nested
+                for b in a.__args__
+                if inspect.isclass(b) and issubclass(b, BaseModel)
             ]
             if candidates:
                 current = candidates[0]
@@ -185,7 +190,7 @@ def format_validation_error(
             valid = _fields_at(model, loc[:-1]) if model is not None else None
             # tasks.<name>.<key> paths carry a free-form task name
             if valid is None and model is not None and len(loc) >= 2:
-                valid = _fields_at(model, [loc[0]] + loc[2:-1])
+                valid = _fields_at(model, [loc[0], *loc[2:-1]])
             choices = f"; valid keys here: {', '.join(valid)}" if valid else ""
             close = difflib.get_close_matches(str(loc[-1]), valid or [], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -217,7 +222,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides; the value is parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[1,2]``)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
@@ -281,8 +286,10 @@ def validate_params(
         annotation = hints.get(pname, Any)
         default = ... if param.default is param.empty else param.default
         fields[pname] = (annotation, default)
-    model = create_model(  # type: ignore[call-overload]
-        f"Params_{where}", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+    model = create_model(
+        f"Params_{where}",
+        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        **fields,
     )
     try:
         validated = model.model_validate(dict(params))

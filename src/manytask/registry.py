@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from manytask.errors import ConfigError, UnknownNameError
+from manytask.errors import UnknownNameError
 
 KINDS = ("balancer", "architecture", "encoder", "dataset", "metric")
 

@@ -244,7 +244,9 @@ class TaskSet(Mapping[str, Task]):
     def subset(self, names: Sequence[str]) -> TaskSet:
         return TaskSet([self[name] for name in names])
 
-    def losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Per-task losses of one batch, keyed by task name, in task order."""
         missing = [name for name in self._tasks if name not in outputs or name not in targets]
         if missing:
@@ -252,4 +254,7 @@ class TaskSet(Mapping[str, Task]):
                 f"no output or target for task(s) {', '.join(missing)}; "
                 f"outputs have {sorted(outputs)}, targets have {sorted(targets)}"
             )
-        return {name: task.compute_loss(outputs[name], targets[name]) for name, task in self._tasks.items()}
+        return {
+            name: task.compute_loss(outputs[name], targets[name])
+            for name, task in self._tasks.items()
+        }

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from manytask import registry
-from manytask.balance.base import BalanceStep, Balancer, LossWeighting, Need
+from manytask.balance.base import Balancer, BalanceStep, LossWeighting, Need
 from manytask.balance.weighting import (
     DynamicWeightAverage,
     EqualWeighting,

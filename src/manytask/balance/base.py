@@ -160,5 +160,5 @@ class LossWeighting(Balancer):
         reg = self.regularizer()
         if reg is not None:
             total = total + reg
-        total.backward()
+        total.backward()  # type: ignore[no-untyped-call]
         return BalanceStep(weights=weights.detach())

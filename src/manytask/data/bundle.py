@@ -24,3 +24,14 @@ class DatasetBundle:
     tasks: TaskSet
     input_shape: tuple[int, ...]
     info: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line: split sizes, tasks and the facts in ``info``."""
+        parts = [
+            f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}",
+            f"tasks {', '.join(self.tasks.names)}",
+        ]
+        for key, value in self.info.items():
+            if key != "sizes":
+                parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        return "; ".join(parts)

@@ -92,15 +92,23 @@ def pair_split(
     return overlay(images, images[partner]), labels, labels[partner]
 
 
-def _dataset(images: np.ndarray, left: np.ndarray, right: np.ndarray, mean: float, std: float) -> TensorMultiTaskDataset:
+def _dataset(
+    images: np.ndarray, left: np.ndarray, right: np.ndarray, mean: float, std: float
+) -> TensorMultiTaskDataset:
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     x = (x - mean) / std
     return TensorMultiTaskDataset(
-        x, {"left": torch.from_numpy(left.astype(np.int64)), "right": torch.from_numpy(right.astype(np.int64))}
+        x,
+        {
+            "left": torch.from_numpy(left.astype(np.int64)),
+            "right": torch.from_numpy(right.astype(np.int64)),
+        },
     )
 
 
-@registry.register("dataset", "multi_fashion", "Multi-Fashion (Fashion-MNIST pairs, 2 × 10 classes)")
+@registry.register(
+    "dataset", "multi_fashion", "Multi-Fashion (Fashion-MNIST pairs, 2 × 10 classes)"
+)
 def multi_fashion(
     root: str | None = None,
     val_size: int = 10_000,
@@ -119,9 +127,13 @@ def multi_fashion(
     train_images, train_labels = read_idx(files["train_images"]), read_idx(files["train_labels"])
     test_images, test_labels = read_idx(files["test_images"]), read_idx(files["test_labels"])
     if train_images.shape[1:] != (28, 28) or len(train_images) != len(train_labels):
-        raise DataError(f"unexpected Fashion-MNIST training files in '{files['train_images'].parent}'")
+        raise DataError(
+            f"unexpected Fashion-MNIST training files in '{files['train_images'].parent}'"
+        )
     if not 0 < val_size < len(train_images) - 1:
-        raise ConfigError(f"data.val_size must be between 1 and {len(train_images) - 2}, got {val_size}")
+        raise ConfigError(
+            f"data.val_size must be between 1 and {len(train_images) - 2}, got {val_size}"
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train_images))
     val_idx, train_idx = order[:val_size], order[val_size:]

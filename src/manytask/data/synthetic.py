@@ -59,7 +59,8 @@ def correlated_regression(
     def label(w: np.ndarray) -> np.ndarray:
         z = x @ w
         sines = np.sin(np.outer(z, alpha) + beta).sum(axis=1)
-        return z + sines + noise_std * rng.standard_normal(n)
+        noisy: np.ndarray = z + sines + noise_std * rng.standard_normal(n)
+        return noisy
 
     return x, label(w1), label(w2)
 
@@ -88,7 +89,10 @@ def mmoe_synthetic(
     )
     measured = float(np.corrcoef(y1, y2)[0, 1])
     xt = torch.from_numpy(x.astype(np.float32))
-    targets = {"y1": torch.from_numpy(y1.astype(np.float32)), "y2": torch.from_numpy(y2.astype(np.float32))}
+    targets = {
+        "y1": torch.from_numpy(y1.astype(np.float32)),
+        "y2": torch.from_numpy(y2.astype(np.float32)),
+    }
     full = TensorMultiTaskDataset(xt, targets)
     cuts = torch.arange(total)
     tasks = TaskSet([Task("y1", "mse"), Task("y2", "mse")])

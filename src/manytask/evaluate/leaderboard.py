@@ -132,7 +132,8 @@ def build_leaderboard(
         return Row(
             method=method,
             primary={
-                name: Stat.of([r[name][task.primary_metric] for r in runs]) for name, task in tasks.items()
+                name: Stat.of([r[name][task.primary_metric] for r in runs])
+                for name, task in tasks.items()
             },
             delta_m=Stat.of([delta_m(r, mean_baseline, tasks) for r in runs]),
             seconds_per_epoch=Stat.of(seconds),

@@ -39,7 +39,9 @@ def register_metric(
     """Register ``fn`` as a metric; users can add their own the same way."""
 
     def decorate(fn: MetricFn) -> MetricFn:
-        registry.register("metric", name, summary)(Metric(name, fn, higher_is_better, kinds, summary))
+        registry.register("metric", name, summary)(
+            Metric(name, fn, higher_is_better, kinds, summary)
+        )
         return fn
 
     return decorate
@@ -89,7 +91,9 @@ def _binary_auroc(score: Tensor, positive: Tensor) -> float:
     sorted_scores = score.double()[order]
     ranks = torch.empty_like(sorted_scores)
     # average rank within groups of equal scores
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(
+        sorted_scores, return_inverse=True, return_counts=True
+    )
     ends = torch.cumsum(counts, 0).double()
     starts = ends - counts.double() + 1
     ranks[order] = ((starts + ends) / 2)[inverse]

@@ -102,17 +102,24 @@ class CNNEncoder(Encoder):
         super().__init__()
         if len(input_shape) != 3:
             raise ConfigError(
-                f"the cnn encoder needs image inputs (C, H, W); this dataset gives {tuple(input_shape)}"
+                "the cnn encoder needs image inputs (C, H, W); "
+                f"this dataset gives {tuple(input_shape)}"
             )
         if kernel_size % 2 == 0:
             raise ConfigError(f"cnn kernel_size must be odd, got {kernel_size}")
         c, h, w = input_shape
         blocks: list[nn.Module] = []
         for out in channels:
-            blocks += [nn.Conv2d(c, out, kernel_size, padding=kernel_size // 2), nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(c, out, kernel_size, padding=kernel_size // 2),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c, h, w = out, h // 2, w // 2
         if h < 1 or w < 1:
-            raise ConfigError(f"too many cnn blocks ({len(channels)}) for {tuple(input_shape)} inputs")
+            raise ConfigError(
+                f"too many cnn blocks ({len(channels)}) for {tuple(input_shape)} inputs"
+            )
         self.conv = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Sequential(nn.Linear(c * h * w, hidden), nn.ReLU())

@@ -32,7 +32,10 @@ class SharedBottom(MultiTaskModel):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(
-            {name: TaskHead(encoder.out_features, task.output_dim, head_hidden) for name, task in tasks.items()}
+            {
+                name: TaskHead(encoder.out_features, task.output_dim, head_hidden)
+                for name, task in tasks.items()
+            }
         )
         self.task_names = tuple(tasks.names)
 
@@ -65,7 +68,9 @@ def build_encoder(spec: dict[str, Any], input_shape: Sequence[int]) -> Encoder:
     return encoder
 
 
-@registry.register("architecture", "shared_bottom", "hard parameter sharing: shared encoder + task heads")
+@registry.register(
+    "architecture", "shared_bottom", "hard parameter sharing: shared encoder + task heads"
+)
 def shared_bottom(
     tasks: TaskSet,
     input_shape: Sequence[int],

@@ -35,7 +35,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device '{name}' is not a device; use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(
+            f"train.device '{name}' is not a device; use cpu, cuda, cuda:N or auto"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is available; use cpu or auto")
     return device
@@ -61,7 +63,9 @@ def select_tasks(available: TaskSet, overrides: dict[str, TaskConfig] | None) ->
         changes = {k: v for k, v in override.model_dump().items() if v is not None}
         if "metrics" in changes:
             changes["metrics"] = tuple(changes["metrics"])
-        chosen.append(dataclasses.replace(available[name], **changes) if changes else available[name])
+        chosen.append(
+            dataclasses.replace(available[name], **changes) if changes else available[name]
+        )
     return TaskSet(chosen)
 
 
@@ -69,17 +73,24 @@ def _torch_class(module: Any, base: type, name: str, kind: str) -> Any:
     classes = {
         cls_name.lower(): cls
         for cls_name, cls in vars(module).items()
-        if inspect.isclass(cls) and issubclass(cls, base) and cls is not base and not cls_name.startswith("_")
+        if inspect.isclass(cls)
+        and issubclass(cls, base)
+        and cls is not base
+        and not cls_name.startswith("_")
     }
     if name.lower() not in classes:
         raise UnknownNameError(kind, name, classes)
     return classes[name.lower()]
 
 
-def build_optimizer(spec: ComponentConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    spec: ComponentConfig, parameters: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     """Any ``torch.optim`` optimizer by (case-insensitive) class name, e.g. ``adam``, ``sgd``."""
     cls = _torch_class(torch.optim, torch.optim.Optimizer, spec.name, "optimizer")
-    params = validate_params(cls, spec.params, where=f"optimizer '{spec.name}'", reserved={"params": None})
+    params = validate_params(
+        cls, spec.params, where=f"optimizer '{spec.name}'", reserved={"params": None}
+    )
     optimizer: torch.optim.Optimizer = cls(parameters, **params)
     return optimizer
 
@@ -91,7 +102,9 @@ def build_scheduler(
     base = torch.optim.lr_scheduler.LRScheduler
     cls = _torch_class(torch.optim.lr_scheduler, base, spec.name, "scheduler")
     params = {k: v for k, v in spec.params.items()}
-    checked = validate_params(cls, params, where=f"scheduler '{spec.name}'", reserved={"optimizer": None})
+    checked = validate_params(
+        cls, params, where=f"scheduler '{spec.name}'", reserved={"optimizer": None}
+    )
     scheduler: torch.optim.lr_scheduler.LRScheduler = cls(optimizer, **checked)
     return scheduler
 
@@ -125,7 +138,11 @@ def build_experiment(
     tasks = select_tasks(bundle.tasks, config.tasks)
     seed_everything(config.seed)
     model: MultiTaskModel = registry.call_with_params(
-        "architecture", config.model.name, config.model.params, tasks=tasks, input_shape=bundle.input_shape
+        "architecture",
+        config.model.name,
+        config.model.params,
+        tasks=tasks,
+        input_shape=bundle.input_shape,
     )
     balancer = balance.get(config.balancer.name, tasks.names, **config.balancer.params)
     optimizer = build_optimizer(config.optimizer, [*model.parameters(), *balancer.parameters()])
@@ -170,10 +187,13 @@ def run_training(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train one config in its run directory and return the summary."""
-    run_dir = RunDirectory.create(config.run.dir / config.run_name, overwrite=overwrite, resume=resume)
+    run_dir = RunDirectory.create(
+        config.run.dir / config.run_name, overwrite=overwrite, resume=resume
+    )
     experiment = build_experiment(config, run_dir, bundle, progress)
     if not resume:
         run_dir.write_config(config.to_dict())
+    experiment.trainer.display.print(f"data {config.data.name}: {experiment.bundle.describe()}")
     summary = experiment.trainer.fit(resume=resume)
     summary.update(
         {

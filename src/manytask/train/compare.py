@@ -46,7 +46,9 @@ def _run(
         update={"run": config.run.model_copy(update={"dir": path.parent, "name": path.name})}
     )
     # under --resume, a run that left no checkpoint has nothing worth keeping: start it afresh
-    return run_training(run_config, overwrite=resume and not can_resume, resume=can_resume, **kwargs)
+    return run_training(
+        run_config, overwrite=resume and not can_resume, resume=can_resume, **kwargs
+    )
 
 
 def compare(
@@ -104,7 +106,9 @@ def compare(
     for method in methods:
         results[method] = []
         for seed in seed_list:
-            run = config.model_copy(update={"seed": seed, "balancer": _balancer_spec(config, method)})
+            run = config.model_copy(
+                update={"seed": seed, "balancer": _balancer_spec(config, method)}
+            )
             path = root / method / f"seed-{seed}"
             summary = _run(run, path, resume, announce, **kwargs)
             results[method].append((summary["test"], summary["seconds_per_epoch"]))

@@ -27,7 +27,7 @@ class ProgressDisplay:
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self._progress: Progress | None = None
         self._task: TaskID | None = None
 
@@ -68,8 +68,10 @@ class ProgressDisplay:
     def advance(self, steps: int, losses: Mapping[str, float] | None = None) -> None:
         if self._progress is None or self._task is None:
             return
-        fields = {"losses": format_losses(losses)} if losses is not None else {}
-        self._progress.update(self._task, advance=steps, **fields)
+        if losses is None:
+            self._progress.update(self._task, advance=steps)
+        else:
+            self._progress.update(self._task, advance=steps, losses=format_losses(losses))
 
     def print(self, message: str) -> None:
         self.console.print(message, highlight=False)

@@ -43,7 +43,9 @@ class RunDirectory:
         return f"RunDirectory('{self.path}')"
 
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False, resume: bool = False) -> RunDirectory:
+    def create(
+        cls, path: str | Path, overwrite: bool = False, resume: bool = False
+    ) -> RunDirectory:
         """Open ``path`` for a new run (refusing to replace one) or for resuming one."""
         run = cls(path)
         occupied = run.path.exists() and any(run.path.iterdir())
@@ -107,10 +109,14 @@ class RunDirectory:
         return data
 
     # checkpoints ---------------------------------------------------------------------
-    def save_checkpoint(self, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int) -> None:
+    def save_checkpoint(
+        self, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int
+    ) -> None:
         """Write checkpoint ``step`` and point ``latest.json`` at it; keep the newest ``keep``."""
         stem = f"step-{step:08d}"
-        atomic.write_with(self.checkpoints / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic.write_with(
+            self.checkpoints / f"{stem}.safetensors", lambda p: save_file(tensors, str(p))
+        )
         atomic.write_json(self.checkpoints / f"{stem}.json", meta)
         atomic.write_json(self.checkpoints / "latest.json", {"step": step, "stem": stem})
         steps = sorted(self._checkpoint_steps())
@@ -144,7 +150,9 @@ class RunDirectory:
         return load_file(str(stem.with_suffix(".safetensors"))), meta
 
     def save_best(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        atomic.write_with(self.checkpoints / "best.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic.write_with(
+            self.checkpoints / "best.safetensors", lambda p: save_file(tensors, str(p))
+        )
         atomic.write_json(self.checkpoints / "best.json", meta)
 
     def load_best(self) -> dict[str, Tensor] | None:

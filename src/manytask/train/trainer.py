@@ -245,7 +245,9 @@ class Trainer:
         running_count = 0
         weight_sum: Tensor | None = None
         self.model.train()
-        self.display.start_epoch(state.epoch, self.epochs, self.steps_per_epoch, state.step_in_epoch)
+        self.display.start_epoch(
+            state.epoch, self.epochs, self.steps_per_epoch, state.step_in_epoch
+        )
         started = time.perf_counter()
         for index in range(state.step_in_epoch, self.steps_per_epoch):
             idx = order[index * self.batch_size : (index + 1) * self.batch_size]
@@ -272,7 +274,7 @@ class Trainer:
             state.step_in_epoch = index + 1
             state.global_step += 1
             if running_count % self.log_every == 0 or state.step_in_epoch == self.steps_per_epoch:
-                means = dict(zip(self.tasks.names, (running / running_count).tolist()))
+                means = self._per_task(running / running_count)
                 self.display.advance(running_count - self._shown, means)
                 self._shown = running_count
             if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
@@ -283,18 +285,21 @@ class Trainer:
                 callback(self)
         state.partial_epoch_seconds += time.perf_counter() - started
         self._shown = 0
-        self._epoch_losses = dict(zip(self.tasks.names, (running / max(running_count, 1)).tolist()))
+        self._epoch_losses = self._per_task(running / max(running_count, 1))
         self._epoch_weights = (
-            dict(zip(self.tasks.names, (weight_sum / running_count).cpu().tolist()))
-            if weight_sum is not None
-            else {}
+            {} if weight_sum is None else self._per_task(weight_sum / running_count)
         )
+
+    def _per_task(self, values: Tensor) -> dict[str, float]:
+        return dict(zip(self.tasks.names, values.cpu().tolist(), strict=True))
 
     def _check_finite(self, values: Tensor) -> None:
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
-            raise NonFiniteLossError(self.tasks.names[bad], self.state.global_step + 1, float(values[bad]))
+            raise NonFiniteLossError(
+                self.tasks.names[bad], self.state.global_step + 1, float(values[bad])
+            )
 
     def _end_epoch(self) -> None:
         state = self.state

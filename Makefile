@@ -1,0 +1,49 @@
+# `make demo`: set up .venv and compare the four balancers on Multi-Fashion.
+# `make test`: set up .venv, lint, type-check and run the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# the local CPU build of torch, installed before anything that depends on torch
+TORCH := torch==2.13.0
+
+.PHONY: setup data demo test lint typecheck unit clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev,plots]'
+	touch $(STAMP)
+
+# Debian's real Fashion-MNIST, when it is missing and apt can install it
+data:
+	@if [ ! -f $(FASHION) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's dataset-fashion-mnist"; \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST is missing and apt-get is not available as root:"; \
+	    echo "  install dataset-fashion-mnist, or set data.root in the config"; \
+	  fi; \
+	fi
+
+demo: setup data
+	$(BIN)/manytask compare configs/multi_fashion_compare.yaml --methods ew,uw,dwa,rlw --seeds 2 --overwrite
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup data
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
