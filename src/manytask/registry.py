@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from manytask.config import validate_params
 from manytask.errors import UnknownNameError
 
 KINDS = ("balancer", "architecture", "encoder", "dataset", "metric")
@@ -80,8 +81,6 @@ def call_with_params(
     parameter and lists the valid ones. ``args`` and ``context`` are supplied by manytask
     itself (the task names, the input shape …) and are not user-settable.
     """
-    from manytask.config import validate_params  # config sits beside the registry
-
     obj = get(kind, name)
     checked = validate_params(obj, params, where=f"{kind} '{name}'", reserved=context)
     return obj(*args, **context, **checked)

@@ -36,7 +36,8 @@ class Stat:
 
     def format(self, digits: int = 4, signed: bool = False) -> str:
         sign = "+" if signed else ""
-        text = f"{self.mean:{sign}.{digits}f}"
+        mean = self.mean if round(self.mean, digits) != 0 else 0.0  # no "-0.00"
+        text = f"{mean:{sign}.{digits}f}"
         return f"{text} ± {self.std:.{digits}f}" if self.n > 1 else text
 
     def to_dict(self) -> dict[str, float]:
