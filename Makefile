@@ -33,9 +33,11 @@ data:
 demo: setup data
 	$(BIN)/manytask compare configs/multi_fashion_compare.yaml --methods ew,uw,dwa,rlw --seeds 2 --overwrite
 
+LINTED := $(wildcard src tests benchmarks)
+
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 typecheck: setup
 	$(BIN)/mypy
