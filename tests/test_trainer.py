@@ -271,3 +271,24 @@ def test_experiment_from_config_trains_loss_down(tmp_path):
     after = experiment.trainer.evaluate(experiment.bundle.val)
     assert after["y1"]["loss"] < before["y1"]["loss"]
     assert after["y2"]["loss"] < before["y2"]["loss"]
+
+
+def test_reduce_lr_on_plateau_watches_the_selection_score():
+    bundle = tiny_regression_bundle()
+    # a flat score: the rate falls tenfold after each epoch without improvement (patience 0)
+    flat = _trainer(bundle, epochs=3, lr=1e-3)
+    flat.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        flat.optimizer, mode="max", patience=0
+    )
+    flat.selection_score = lambda results: 0.0  # type: ignore[method-assign]
+    flat.fit()
+    assert flat.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1**2)
+    # a rising score in mode "min" is negated, so it counts as improving: no reduction
+    rising = _trainer(bundle, epochs=3, lr=1e-3)
+    rising.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        rising.optimizer, mode="min", patience=0
+    )
+    scores = iter([1.0, 2.0, 3.0, 4.0])
+    rising.selection_score = lambda results: next(scores)  # type: ignore[method-assign]
+    rising.fit()
+    assert rising.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)

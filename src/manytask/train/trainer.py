@@ -81,7 +81,9 @@ class Trainer:
             parameters (if any) must be in the optimizer.
         optimizer: any ``torch.optim`` optimizer.
         train_data, val_data, test_data: datasets with ``len()`` and ``batch(indices)``.
-        scheduler: any ``torch.optim.lr_scheduler`` scheduler, stepped per ``scheduler_interval``.
+        scheduler: any ``torch.optim.lr_scheduler`` scheduler, stepped per ``scheduler_interval``;
+            ``ReduceLROnPlateau`` is stepped each epoch with the validation selection score
+            (negated for ``mode="min"``).
         epochs, batch_size, eval_batch_size: as named.
         device: where the model and batches live.
         seed: fixes the batch order (model initialisation is the caller's).
@@ -290,6 +292,14 @@ class Trainer:
             {} if weight_sum is None else self._per_task(weight_sum / running_count)
         )
 
+    def _step_epoch_scheduler(self, score: float) -> None:
+        """Step the scheduler; ``ReduceLROnPlateau`` watches the selection score."""
+        scheduler = self.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score if scheduler.mode == "max" else -score)
+        elif scheduler is not None:
+            scheduler.step()
+
     def _per_task(self, values: Tensor) -> dict[str, float]:
         return dict(zip(self.tasks.names, values.cpu().tolist(), strict=True))
 
@@ -305,8 +315,6 @@ class Trainer:
         state = self.state
         learning_rates = [group["lr"] for group in self.optimizer.param_groups]  # of this epoch
         self.balancer.end_epoch()
-        if self.scheduler is not None and self.scheduler_interval == "epoch":
-            self.scheduler.step()
         state.epoch_seconds.append(state.partial_epoch_seconds)
         state.partial_epoch_seconds = 0.0
         state.epoch += 1
@@ -322,6 +330,7 @@ class Trainer:
         message = f"epoch {state.epoch}/{self.epochs}  train " + "  ".join(
             f"{k} {v:.4f}" for k, v in self._epoch_losses.items()
         )
+        score = -sum(self._epoch_losses.values())  # without validation data: training loss
         if self.val_data is not None:
             val = self.evaluate(self.val_data)
             score = self.selection_score(val)
@@ -343,6 +352,8 @@ class Trainer:
                 for name, task in self.tasks.items()
             )
             message += "  *" if improved else ""
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
+            self._step_epoch_scheduler(score)
         self.display.print(message)
         if self.run_dir is not None:
             self.run_dir.append_metrics(record)
