@@ -55,6 +55,9 @@ class TrainState:
     metric_lines: int = 0
     epoch_seconds: list[float] = field(default_factory=list)
     partial_epoch_seconds: float = 0.0
+    # sums over the steps of the current epoch, for its mean training losses and weights
+    epoch_loss_sum: list[float] = field(default_factory=list)
+    epoch_weight_sum: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -243,9 +246,11 @@ class Trainer:
         state = self.state
         order = epoch_order(len(self.train_data), self.seed, state.epoch)
         needs_features = self.balancer.needs is Need.FEATURE_GRADIENTS
-        running = torch.zeros(len(self.tasks), dtype=torch.float64)
-        running_count = 0
-        weight_sum: Tensor | None = None
+        zeros = [0.0] * len(self.tasks)
+        running = torch.tensor(state.epoch_loss_sum or zeros, dtype=torch.float64)
+        weight_sum = torch.tensor(state.epoch_weight_sum or zeros, dtype=torch.float64)
+        running_count = state.step_in_epoch
+        self._shown = state.step_in_epoch
         self.model.train()
         self.display.start_epoch(
             state.epoch, self.epochs, self.steps_per_epoch, state.step_in_epoch
@@ -269,8 +274,7 @@ class Trainer:
             self.optimizer.step()
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
-            weights = step.weights.detach().double()
-            weight_sum = weights if weight_sum is None else weight_sum + weights
+            weight_sum += step.weights.detach().double().cpu()
             running += values
             running_count += 1
             state.step_in_epoch = index + 1
@@ -282,15 +286,14 @@ class Trainer:
             if self.checkpoint_every and state.global_step % self.checkpoint_every == 0:
                 state.partial_epoch_seconds += time.perf_counter() - started
                 started = time.perf_counter()
+                state.epoch_loss_sum, state.epoch_weight_sum = running.tolist(), weight_sum.tolist()
                 self.save_checkpoint()
             for callback in self.callbacks:
                 callback(self)
         state.partial_epoch_seconds += time.perf_counter() - started
-        self._shown = 0
+        state.epoch_loss_sum, state.epoch_weight_sum = [], []
         self._epoch_losses = self._per_task(running / max(running_count, 1))
-        self._epoch_weights = (
-            {} if weight_sum is None else self._per_task(weight_sum / running_count)
-        )
+        self._epoch_weights = self._per_task(weight_sum / max(running_count, 1))
 
     def _step_epoch_scheduler(self, score: float) -> None:
         """Step the scheduler; ``ReduceLROnPlateau`` watches the selection score."""
