@@ -105,3 +105,14 @@ def test_unknown_task_override_lists_tasks():
 def test_nested_task_override_key_is_checked():
     with pytest.raises(ConfigError, match="unknown key 'tasks.y1.metric'.*metrics"):
         parse_config({**BASE, "tasks": {"y1": {"metric": ["mae"]}}})
+
+
+def test_task_overrides_select_and_change_tasks():
+    from manytask.train.build import build_experiment
+
+    config = parse_config({**BASE, "tasks": {"y2": {"metrics": ["r2", "mae"], "weight": 0.5}}})
+    experiment = build_experiment(config)
+    assert experiment.tasks.names == ["y2"]
+    task = experiment.tasks["y2"]
+    assert task.primary_metric == "r2" and task.weight == 0.5
+    assert list(experiment.model.heads) == ["y2"]

@@ -131,6 +131,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ba
     assert resumed.returncode == 0, resumed.stderr
     a = RunDirectory(tmp_path / "runs" / "full")
     assert run.read_summary()["test"] == a.read_summary()["test"]
+
     def timeless(records):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 

@@ -71,16 +71,14 @@ def names(kind: str) -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
-def call_with_params(
-    kind: str, name: str, params: Mapping[str, Any], /, *args: Any, **context: Any
-) -> Any:
+def call_with_params(kind: str, name: str, params: Mapping[str, Any], /, **context: Any) -> Any:
     """Build the registered component ``name`` with user ``params`` and framework ``context``.
 
     ``params`` come from a config and are checked against the component's signature: an
     unknown parameter or a value of the wrong type is a :class:`ConfigError` that names the
-    parameter and lists the valid ones. ``args`` and ``context`` are supplied by manytask
-    itself (the task names, the input shape …) and are not user-settable.
+    parameter and lists the valid ones. ``context`` (the task names, the input shape …) is
+    supplied by manytask itself and is not user-settable.
     """
     obj = get(kind, name)
     checked = validate_params(obj, params, where=f"{kind} '{name}'", reserved=context)
-    return obj(*args, **context, **checked)
+    return obj(**context, **checked)

@@ -97,9 +97,9 @@ class Trainer:
             each task's primary metric, negated where lower is better), ``"loss"`` (sum of the
             validation losses, lower is better) or ``"TASK/METRIC"``.
         early_stopping: stop when the selection score stops improving.
-        grad_clip: clip the gradient norm of all parameters to this value.
+        grad_clip: clip the total gradient norm of the model's parameters to this value.
         log_every: steps between progress-bar updates.
-        progress: show the progress bar and epoch lines.
+        progress: show the progress bar (the one-line epoch summaries are always printed).
         callbacks: functions called with the trainer after every optimizer step.
     """
 
