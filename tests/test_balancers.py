@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import manytask as mt
-from manytask.balance import DynamicWeightAverage, RandomLossWeighting, UncertaintyWeighting
+from manytask.balance.weighting.dwa import DynamicWeightAverage
+from manytask.balance.weighting.rlw import RandomLossWeighting
+from manytask.balance.weighting.uw import UncertaintyWeighting
 from manytask.errors import ConfigError, UnknownNameError
 
 G1 = torch.tensor([2.0, 1.0])

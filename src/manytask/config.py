@@ -80,6 +80,7 @@ class TrainConfig(_Strict):
     )
     early_stopping: EarlyStoppingConfig | None = None
     grad_clip: float | None = Field(default=None, gt=0)
+    amp: Literal["none", "bf16", "fp16"] = "none"
     log_every: int = Field(default=20, ge=1)
     progress: bool = True
 
@@ -274,7 +275,7 @@ def validate_params(
     target = obj.__init__ if inspect.isclass(obj) else obj
     signature = inspect.signature(target)
     try:
-        hints = inspect.get_annotations(target, eval_str=True)
+        hints = inspect.get_annotations(getattr(target, "__func__", target), eval_str=True)
     except (NameError, TypeError):
         hints = {}
     fields: dict[str, Any] = {}

@@ -4,23 +4,44 @@ A balancer combines the per-task losses of one step into parameter gradients, ex
 plain ``loss.backward()`` would put them, so any optimizer, scheduler, gradient clipping and AMP
 scaler works unchanged::
 
-    balancer = manytask.balance.get("uw", tasks=["left", "right"])
+    balancer = manytask.balance.get("upgrad", tasks=["left", "right"])
     losses = tasks.losses(model(x), targets)          # {name: scalar tensor}
     step = balancer.backward(losses, shared=model.shared_parameters())
     optimizer.step()
 
 Methods are split by what they need (:class:`Need`), so the engine computes exactly that:
 
-- ``LOSSES``: the method maps loss values to weights ``w`` and back-propagates ``Σ wᵢ Lᵢ``
-  once (:class:`LossWeighting`). No per-task gradient is ever formed.
-- ``GRADIENTS``: per-task gradients of the shared parameters, stacked as rows of ``J``.
-- ``GRAMIAN``: only ``G = J Jᵀ``; the update ``Jᵀ w`` is then one backward of ``Σ wᵢ Lᵢ``.
-- ``FEATURE_GRADIENTS``: per-task gradients with respect to the shared representation, followed
-  by one backward through the encoder.
+- ``LOSSES`` (:class:`LossWeighting`): loss values → weights ``w``; one backward of
+  ``Σ wᵢ Lᵢ``. No per-task gradient is ever formed.
+- ``GRAMIAN`` (:class:`GramianWeighting`): ``G = J Jᵀ`` → weights ``w``; the shared
+  parameters get ``Jᵀ w``. In feature mode ``J`` holds the gradients with respect to the shared
+  representation and the encoder gets one backward pass.
+- ``GRADIENTS`` (:class:`JacobianAggregator`): the rows of ``J`` themselves → a direction ``d``
+  (coordinate-wise rules, per-task gradient memories).
+- ``FEATURE_GRADIENTS``: what a Gramian or Jacobian method needs when it runs in feature mode
+  (``mode="features"``): the Trainer then passes the shared representation.
 
-A balancer is an ``nn.Module``: learnable weights (uncertainty weighting) are parameters that
-the optimizer must receive (``balancer.parameters()``), and all state (loss history, random
-generator) is in ``state_dict()`` so that a resumed run continues identically.
+For every gradient-based method, task-specific parameters (heads) receive the plain gradient of
+their own task's loss, collected during the per-task backward passes at no extra cost; only
+the shared parameters (or the shared representation) receive the balanced direction.
+
+A balancer is an ``nn.Module``: learnable weights are parameters that the optimizer must
+receive (``balancer.parameters()``), and all state (loss history, gradient memories, random
+generators) is in ``state_dict()`` so that a resumed run continues identically.
+
+Options common to every method (set through :func:`manytask.balance.get` or
+:meth:`Balancer.configure`):
+
+- ``loss_transform="log"`` balances ``log Lᵢ`` instead of ``Lᵢ`` (scale invariance; composable
+  with any method);
+- ``mode="features"`` runs a gradient-based method on the shared representation;
+- ``update_every=N`` recomputes the weights of a Gramian method every N steps and reuses them
+  (one backward of ``Σ wᵢ Lᵢ``) in between.
+
+Under ``torch.distributed`` a balancer reduces what its method needs (loss values, ``J`` or the
+feature Gramian), so every rank computes the same weights or direction; call
+:func:`manytask.distributed.average_gradients` on ``step.unsynced(params)`` afterwards (the
+Trainer does).
 """
 
 from __future__ import annotations
@@ -29,12 +50,17 @@ import abc
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from manytask import distributed
+from manytask.balance import engine
 from manytask.errors import ConfigError
+
+Mode = Literal["parameters", "features"]
+LossTransform = Literal["none", "log"]
 
 
 class Need(str, enum.Enum):
@@ -48,16 +74,39 @@ class Need(str, enum.Enum):
 
 @dataclass(frozen=True)
 class BalanceStep:
-    """What one ``backward()`` produced, for logging.
+    """What one ``backward()`` produced.
 
     Tensors stay on the device and detached; reading them (``float(...)``) is the caller's
-    choice of when to synchronise. ``grad_norms`` and ``cosines`` are filled only by methods
-    that computed per-task gradients anyway.
+    choice of when to synchronise. ``weights`` is None for aggregators that produce a direction
+    rather than task weights; ``grad_norms`` and ``cosines`` are filled by methods that formed
+    the Gramian anyway. ``synced`` holds the parameters whose gradient is already identical on
+    every rank (the shared ones, for parameter-mode gradient methods).
     """
 
-    weights: Tensor
+    weights: Tensor | None
     grad_norms: Tensor | None = None
     cosines: Tensor | None = None
+    synced: tuple[nn.Parameter, ...] = ()
+
+    def unsynced(self, parameters: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters whose gradients still need averaging across ranks."""
+        done = {id(p) for p in self.synced}
+        return [p for p in parameters if id(p) not in done]
+
+
+def gramian_statistics(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task gradient norms and pairwise cosines from a Gramian (no host sync)."""
+    norms = gramian.diagonal().clamp_min(0).sqrt()
+    cosines = gramian / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
+    return norms, cosines
+
+
+def _scale_of(scaler: Any, device: torch.device) -> Tensor | None:
+    """The current loss scale of an AMP ``GradScaler`` as a device tensor (no host sync)."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scaled: Tensor = scaler.scale(torch.ones((), device=device))
+    return scaled
 
 
 class Balancer(nn.Module, abc.ABC):
@@ -67,7 +116,8 @@ class Balancer(nn.Module, abc.ABC):
         tasks: the task names, in the order in which weights are reported.
     """
 
-    needs: ClassVar[Need]
+    #: True when the distributed update equals the single-process one on the union batch.
+    exact_distributed: ClassVar[bool] = True
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -77,13 +127,26 @@ class Balancer(nn.Module, abc.ABC):
         if len(set(names)) != len(names):
             raise ConfigError(f"{type(self).__name__}: task names must be unique, got {names}")
         self.tasks: tuple[str, ...] = tuple(names)
+        self.loss_transform: LossTransform = "none"
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def stack_losses(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """The losses as a ``(T,)`` tensor in task order, after checking names and shapes."""
+    @property
+    def needs(self) -> Need:
+        """What the engine computes for this method at each step."""
+        return Need.LOSSES
+
+    def configure(self, loss_transform: LossTransform = "none") -> Balancer:
+        """Set the options common to every method (see the module docstring)."""
+        if loss_transform not in ("none", "log"):
+            raise ConfigError(f"loss_transform must be 'none' or 'log', got '{loss_transform}'")
+        self.loss_transform = loss_transform
+        return self
+
+    def loss_list(self, losses: Mapping[str, Tensor]) -> list[Tensor]:
+        """The losses in task order, checked, with the loss transform applied."""
         missing = [t for t in self.tasks if t not in losses]
         extra = [t for t in losses if t not in self.tasks]
         if missing or extra:
@@ -95,17 +158,29 @@ class Balancer(nn.Module, abc.ABC):
         for name in self.tasks:
             loss = losses[name]
             if not isinstance(loss, Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else ""
                 raise ConfigError(
                     f"the loss of task '{name}' must be a scalar tensor, got "
-                    f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}"
+                    f"{type(loss).__name__}{shape}"
                 )
             if not loss.requires_grad:
                 raise ConfigError(
                     f"the loss of task '{name}' does not require grad: it was computed under "
                     "torch.no_grad() or from detached outputs, so backward() cannot train on it"
                 )
-            values.append(loss.reshape(()))
-        return torch.stack(values)
+            loss = loss.reshape(())
+            values.append(torch.log(loss) if self.loss_transform == "log" else loss)
+        return values
+
+    def stack_losses(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """The losses as a ``(T,)`` tensor in task order (with graph)."""
+        return torch.stack(self.loss_list(losses))
+
+    @staticmethod
+    def loss_values(losses: Sequence[Tensor]) -> Tensor:
+        """Detached float32 loss values, averaged over ranks (the union batch's losses)."""
+        values = torch.stack([loss.detach().float() for loss in losses])
+        return distributed.all_reduce_mean_(values)
 
     @abc.abstractmethod
     def backward(
@@ -113,15 +188,17 @@ class Balancer(nn.Module, abc.ABC):
         losses: Mapping[str, Tensor],
         shared: Iterable[nn.Parameter] | None = None,
         features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
     ) -> BalanceStep:
         """Combine the task losses and leave gradients on the parameters.
 
         Args:
-            losses: one scalar loss per task name.
-            shared: the shared parameters (needed by gradient-based methods).
-            features: the shared representation(s) (needed by representation-level methods).
+            losses: one scalar loss per task name (unscaled).
+            shared: the shared parameters (needed by parameter-mode gradient methods).
+            features: the shared representation(s) (needed in feature mode).
+            scaler: a ``torch.amp.GradScaler`` under mixed precision; the balancer scales the
+                backward passes itself and computes weights from unscaled values.
         """
-        ...
 
     def end_epoch(self) -> None:
         """Called by the Trainer after each training epoch; methods with epoch statistics
@@ -134,12 +211,11 @@ class Balancer(nn.Module, abc.ABC):
 class LossWeighting(Balancer):
     """A method that weights the task losses: the update is ``∇ (Σᵢ wᵢ Lᵢ + r)``.
 
-    Subclasses implement :meth:`weights` (``(T,)`` loss values → ``(T,)`` weights; the result may
-    depend on learnable parameters) and may add a regulariser ``r`` (:meth:`regularizer`).
-    Shared and task-specific parameters both receive the weighted gradient.
+    Subclasses implement :meth:`weights` (the ``(T,)`` detached loss values of the step, averaged
+    over ranks → ``(T,)`` weights; the result may depend on learnable parameters) and may add a
+    regulariser ``r`` (:meth:`regularizer`). Shared and task-specific parameters both receive the
+    weighted gradient.
     """
-
-    needs: ClassVar[Need] = Need.LOSSES
 
     @abc.abstractmethod
     def weights(self, losses: Tensor) -> Tensor:
@@ -153,12 +229,209 @@ class LossWeighting(Balancer):
         losses: Mapping[str, Tensor],
         shared: Iterable[nn.Parameter] | None = None,
         features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
     ) -> BalanceStep:
-        stacked = self.stack_losses(losses)
-        weights = self.weights(stacked)
-        total = (weights * stacked).sum()
+        items = self.loss_list(losses)
+        stacked = torch.stack(items)
+        weights = self.weights(self.loss_values(items))
+        total = (weights.to(stacked.dtype) * stacked).sum()
         reg = self.regularizer()
         if reg is not None:
             total = total + reg
-        total.backward()  # type: ignore[no-untyped-call]
+        scale = _scale_of(scaler, stacked.device)
+        (total if scale is None else total * scale).backward()
         return BalanceStep(weights=weights.detach())
+
+
+class _GradientMethod(Balancer):
+    """Shared machinery of the methods that look at per-task gradients.
+
+    The class attributes declare the properties a method promises; the shared property tests
+    (``tests/test_balance_properties.py``) check every registered method against them.
+    """
+
+    #: the direction does not depend on the order of the tasks
+    permutation_invariant: ClassVar[bool] = False
+    #: ``J d ≥ 0``: the direction never increases any task's loss to first order
+    non_conflicting: ClassVar[bool] = False
+    #: ``A(c J) = c A(J)`` for every ``c > 0``
+    homogeneous: ClassVar[bool] = False
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.mode: Mode = "parameters"
+
+    @abc.abstractmethod
+    def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
+        """The method's rule: ``(T, P)`` per-task gradients and ``(T,)`` loss values → the
+        ``(P,)`` direction. Stateful methods update their state."""
+
+    @property
+    def needs(self) -> Need:
+        return Need.FEATURE_GRADIENTS if self.mode == "features" else self._parameter_need
+
+    _parameter_need: ClassVar[Need] = Need.GRADIENTS
+
+    def configure(
+        self, loss_transform: LossTransform = "none", mode: Mode = "parameters"
+    ) -> Balancer:
+        super().configure(loss_transform)
+        if mode not in ("parameters", "features"):
+            raise ConfigError(f"mode must be 'parameters' or 'features', got '{mode}'")
+        self.mode = mode
+        return self
+
+    def _jacobian(
+        self,
+        items: list[Tensor],
+        shared: Iterable[nn.Parameter] | None,
+        features: Tensor | Sequence[Tensor] | None,
+        scale: Tensor | None,
+    ) -> tuple[Tensor, list[nn.Parameter], list[Tensor | None], list[Tensor]]:
+        """``J`` (unscaled, averaged over ranks in parameter mode) and what is needed to apply
+        a direction afterwards."""
+        scaled = items if scale is None else [loss * scale for loss in items]
+        if self.mode == "features":
+            feats = engine.as_feature_list(features)
+            jacobian = engine.feature_jacobian(scaled, feats)
+            params: list[nn.Parameter] = []
+            stash: list[Tensor | None] = []
+        else:
+            feats = []
+            params = list(shared) if shared is not None else []
+            stash = engine.stash_gradients(params)
+            jacobian = engine.shared_jacobian(scaled, params)
+            distributed.all_reduce_mean_(jacobian)
+        if scale is not None:
+            jacobian = jacobian / scale
+        return jacobian, params, stash, feats
+
+    def _apply_direction(
+        self,
+        direction: Tensor,
+        items: list[Tensor],
+        params: list[nn.Parameter],
+        stash: list[Tensor | None],
+        feats: list[Tensor],
+        scale: Tensor | None,
+    ) -> tuple[nn.Parameter, ...]:
+        """Put ``direction`` (of the shared parameters or features) into the gradients."""
+        direction = direction if scale is None else direction * scale
+        if self.mode == "features":
+            total = torch.stack(items).sum()
+            engine.backward_through_features(
+                total if scale is None else total * scale, feats, direction
+            )
+            return ()
+        engine.set_shared_gradients(params, direction, stash)
+        return tuple(params)
+
+
+class GramianWeighting(_GradientMethod):
+    """A method whose direction is ``Jᵀ w`` with ``w`` a function of the Gramian ``G = J Jᵀ``
+    (and, for some methods, of the loss values).
+
+    Subclasses implement :meth:`weights`. In parameter mode ``J`` is averaged over ranks before
+    ``G`` is formed, so the weights are those of the union batch. In feature mode the per-sample
+    Gramian of each rank is summed over ranks (divided by the squared number of ranks, since the
+    union loss is the mean of the ranks' losses), which is again exact.
+    """
+
+    _parameter_need: ClassVar[Need] = Need.GRAMIAN
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.update_every = 1
+        self._steps = 0
+        self.register_buffer("last_weights", torch.ones(self.num_tasks))
+
+    last_weights: Tensor
+
+    def configure(
+        self,
+        loss_transform: LossTransform = "none",
+        mode: Mode = "parameters",
+        update_every: int = 1,
+    ) -> Balancer:
+        super().configure(loss_transform, mode)
+        if update_every < 1:
+            raise ConfigError(f"update_every must be ≥ 1, got {update_every}")
+        self.update_every = update_every
+        return self
+
+    @abc.abstractmethod
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """``(T,)`` weights from the ``(T, T)`` Gramian and the ``(T,)`` loss values."""
+
+    def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
+        return self.weights(jacobian @ jacobian.T, losses).to(jacobian.dtype) @ jacobian
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
+    ) -> BalanceStep:
+        items = self.loss_list(losses)
+        scale = _scale_of(scaler, items[0].device)
+        reuse = self._steps % self.update_every != 0
+        self._steps += 1
+        if reuse:  # between updates: one backward of Σ wᵢ Lᵢ with the last weights
+            total = (self.last_weights.to(items[0].dtype) * torch.stack(items)).sum()
+            (total if scale is None else total * scale).backward()
+            return BalanceStep(weights=self.last_weights.detach().clone())
+        jacobian, params, stash, feats = self._jacobian(items, shared, features, scale)
+        gramian = jacobian @ jacobian.T
+        if self.mode == "features" and distributed.world_size() > 1:
+            gramian = distributed.all_reduce_sum_(gramian) / distributed.world_size() ** 2
+        weights = self.weights(gramian, self.loss_values(items)).to(jacobian.dtype)
+        self.last_weights.copy_(weights.detach())
+        synced = self._apply_direction(weights @ jacobian, items, params, stash, feats, scale)
+        norms, cosines = gramian_statistics(gramian)
+        return BalanceStep(
+            weights=weights.detach(), grad_norms=norms, cosines=cosines, synced=synced
+        )
+
+    def get_extra_state(self) -> Any:
+        return {"steps": self._steps}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._steps = int(state["steps"])
+
+
+class JacobianAggregator(_GradientMethod):
+    """A method that maps the rows of ``J`` (per-task gradients) to a direction ``d``.
+
+    Subclasses implement :meth:`aggregate`. In parameter mode ``J`` is averaged over ranks
+    first, so the direction is that of the union batch. In feature mode the rows would have to
+    be gathered from every rank; these methods refuse feature mode under ``torch.distributed``.
+    """
+
+    _parameter_need: ClassVar[Need] = Need.GRADIENTS
+
+    @abc.abstractmethod
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
+        """The ``(P,)`` direction from the ``(T, P)`` Jacobian and the ``(T,)`` loss values."""
+
+    def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
+        return self.aggregate(jacobian, losses)
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
+    ) -> BalanceStep:
+        if self.mode == "features" and distributed.world_size() > 1:
+            raise ConfigError(
+                f"{type(self).__name__} aggregates per-sample feature gradients, which differ "
+                "between ranks; under torch.distributed use mode='parameters'"
+            )
+        items = self.loss_list(losses)
+        scale = _scale_of(scaler, items[0].device)
+        jacobian, params, stash, feats = self._jacobian(items, shared, features, scale)
+        direction = self.direction(jacobian, self.loss_values(items))
+        synced = self._apply_direction(direction, items, params, stash, feats, scale)
+        return BalanceStep(weights=None, synced=synced)

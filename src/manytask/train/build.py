@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from manytask import balance, registry
+from manytask import balance, distributed, registry
 from manytask.config import ComponentConfig, Config, SchedulerConfig, TaskConfig, validate_params
 from manytask.data.bundle import DatasetBundle
 from manytask.errors import ConfigError, UnknownNameError
@@ -173,6 +173,7 @@ def build_experiment(
             else None
         ),
         grad_clip=train.grad_clip,
+        amp=train.amp,
         log_every=train.log_every,
         progress=train.progress if progress is None else progress,
     )
@@ -187,12 +188,17 @@ def run_training(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train one config in its run directory and return the summary."""
-    run_dir = RunDirectory.create(
-        config.run.dir / config.run_name, overwrite=overwrite, resume=resume
-    )
-    experiment = build_experiment(config, run_dir, bundle, progress)
-    if not resume:
-        run_dir.write_config(config.to_dict())
+    distributed.init_from_env()
+    experiment = build_experiment(config, None, bundle, progress)  # bad input fails here, first
+    path = config.run.dir / config.run_name
+    if distributed.rank() == 0:
+        run_dir = RunDirectory.create(path, overwrite=overwrite, resume=resume)
+        if not resume:
+            run_dir.write_config(config.to_dict())
+    distributed.barrier()
+    if distributed.rank() != 0:
+        run_dir = RunDirectory(path)  # read-only on other ranks (to resume); rank 0 writes
+    experiment.trainer.run_dir = run_dir
     experiment.trainer.display.print(f"data {config.data.name}: {experiment.bundle.describe()}")
     summary = experiment.trainer.fit(resume=resume)
     summary.update(
@@ -205,5 +211,6 @@ def run_training(
             "dataset": {"name": config.data.name, **experiment.bundle.info},
         }
     )
-    run_dir.write_summary(summary)
+    if distributed.rank() == 0:
+        run_dir.write_summary(summary)
     return summary

@@ -14,10 +14,20 @@ one.
 Each step the Trainer reads the task loss values once (one device synchronisation) to stop on a
 NaN or infinite loss before it reaches the weights, naming the task and the step, and to show
 the running losses in the progress bar.
+
+Mixed precision: ``amp="bf16"`` runs the forward pass under ``torch.autocast`` in bfloat16;
+``amp="fp16"`` uses float16 with a ``GradScaler`` that the balancer applies to its own backward
+passes (weights are computed from unscaled values).
+
+Under ``torch.distributed`` (e.g. ``torchrun``) every rank takes its share of each batch
+(``batch[rank::world_size]``), the balancer reduces what its method needs, and the remaining
+gradients are averaged, so every rank applies the same update; only rank 0 writes the run
+directory and prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from manytask import distributed
 from manytask.balance.base import Balancer, Need
 from manytask.data.batch import MultiTaskDataset
 from manytask.errors import ConfigError, NonFiniteLossError
@@ -98,6 +109,8 @@ class Trainer:
             validation losses, lower is better) or ``"TASK/METRIC"``.
         early_stopping: stop when the selection score stops improving.
         grad_clip: clip the total gradient norm of the model's parameters to this value.
+        amp: mixed precision: ``"none"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a
+            gradient scaler).
         log_every: steps between progress-bar updates.
         progress: show the progress bar (the one-line epoch summaries are always printed).
         callbacks: functions called with the trainer after every optimizer step.
@@ -126,6 +139,7 @@ class Trainer:
         selection: str = "mean_primary",
         early_stopping: EarlyStopping | None = None,
         grad_clip: float | None = None,
+        amp: Literal["none", "bf16", "fp16"] = "none",
         log_every: int = 20,
         progress: bool = True,
         callbacks: Sequence[StepCallback] = (),
@@ -157,11 +171,19 @@ class Trainer:
         self._check_selection()
         self.early_stopping = early_stopping
         self.grad_clip = grad_clip
+        if amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be 'none', 'bf16' or 'fp16', got '{amp}'")
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.is_main = distributed.rank() == 0
         self.log_every = log_every
-        self.display = ProgressDisplay(enabled=progress)
+        self.display = ProgressDisplay(enabled=progress and distributed.rank() == 0)
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self._shared = list(model.shared_parameters())
+        self._parameters = [*model.parameters(), *balancer.parameters()]
+        distributed.broadcast_parameters(self.model)
+        distributed.broadcast_parameters(self.balancer)
         self._shown = 0  # progress-bar steps already shown in this epoch
         self._epoch_losses: dict[str, float] = {}
         self._epoch_weights: dict[str, float] = {}
@@ -258,23 +280,29 @@ class Trainer:
         started = time.perf_counter()
         for index in range(state.step_in_epoch, self.steps_per_epoch):
             idx = order[index * self.batch_size : (index + 1) * self.batch_size]
+            idx = idx[distributed.rank() :: distributed.world_size()]
             batch = self.train_data.batch(idx).to(self.device, non_blocking=True)
             features = None
-            if needs_features:
-                outputs, features = self.model(batch.inputs, return_features=True)
-            else:
-                outputs = self.model(batch.inputs)
-            losses = self.tasks.losses(outputs, batch.targets)
-            values = torch.stack([v.detach().double() for v in losses.values()]).cpu()
+            with self._autocast():
+                if needs_features:
+                    outputs, features = self.model(batch.inputs, return_features=True)
+                else:
+                    outputs = self.model(batch.inputs)
+                losses = self.tasks.losses(outputs, batch.targets)
+            losses = {name: loss.float() for name, loss in losses.items()}
+            values = torch.stack([v.detach().double() for v in losses.values()])
+            values = distributed.all_reduce_mean_(values).cpu()  # the union batch's losses
             self._check_finite(values)
             self.optimizer.zero_grad(set_to_none=True)
-            step = self.balancer.backward(losses, shared=self._shared, features=features)
-            if self.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
+            step = self.balancer.backward(
+                losses, shared=self._shared, features=features, scaler=self.scaler
+            )
+            distributed.average_gradients(step.unsynced(self._parameters))
+            self._optimizer_step()
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
-            weight_sum += step.weights.detach().double().cpu()
+            if step.weights is not None:
+                weight_sum += step.weights.detach().double().cpu()
             running += values
             running_count += 1
             state.step_in_epoch = index + 1
@@ -294,6 +322,24 @@ class Trainer:
         state.epoch_loss_sum, state.epoch_weight_sum = [], []
         self._epoch_losses = self._per_task(running / max(running_count, 1))
         self._epoch_weights = self._per_task(weight_sum / max(running_count, 1))
+
+    def _autocast(self) -> Any:
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is None:
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            return
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _step_epoch_scheduler(self, score: float) -> None:
         """Step the scheduler; ``ReduceLROnPlateau`` watches the selection score."""
@@ -358,14 +404,18 @@ class Trainer:
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self._step_epoch_scheduler(score)
         self.display.print(message)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.append_metrics(record)
             state.metric_lines += 1
             self.save_checkpoint()
 
     def _finish(self) -> dict[str, Any]:
         state = self.state
-        best = self.run_dir.load_best() if self.run_dir is not None else self._best_in_memory
+        best = (
+            self.run_dir.load_best()
+            if self.run_dir is not None and self.is_main
+            else self._best_in_memory
+        )
         if best is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in best.items()})
         summary: dict[str, Any] = {
@@ -385,14 +435,14 @@ class Trainer:
             summary["val"] = self.evaluate(self.val_data)
         if self.test_data is not None:
             summary["test"] = self.evaluate(self.test_data)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.write_summary(summary)
         return summary
 
     # checkpoints ----------------------------------------------------------------------
     def _save_best(self, val: Results) -> None:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        if self.run_dir is None:
+        if self.run_dir is None or not self.is_main:
             self._best_in_memory = weights
             return
         self.run_dir.save_best(
@@ -406,11 +456,13 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "balancer": self.balancer.state_dict(),
             "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def save_checkpoint(self) -> None:
-        """Write the full training state to the run directory (no-op without one)."""
-        if self.run_dir is None:
+        """Write the full training state to the run directory (no-op without one, or off
+        rank 0)."""
+        if self.run_dir is None or not self.is_main:
             return
         tensors, skeleton = split_state(self._training_state(), "state")
         meta = {"trainer": asdict(self.state), "state": skeleton}
@@ -428,5 +480,8 @@ class Trainer:
             self.scheduler.load_state_dict(training["scheduler"])
         self.balancer.load_state_dict(training["balancer"])
         torch.set_rng_state(training["rng"])
+        if self.scaler is not None and training.get("scaler") is not None:
+            self.scaler.load_state_dict(training["scaler"])
         self.state = TrainState(**meta["trainer"])
-        self.run_dir.truncate_metrics(self.state.metric_lines)
+        if self.is_main:
+            self.run_dir.truncate_metrics(self.state.metric_lines)

@@ -1,8 +1,4 @@
-"""Loss-weighting methods: each maps the task losses of a step to weights."""
+"""Loss-weighting methods: each maps the task losses of a step to weights.
 
-from manytask.balance.weighting.dwa import DynamicWeightAverage
-from manytask.balance.weighting.ew import EqualWeighting
-from manytask.balance.weighting.rlw import RandomLossWeighting
-from manytask.balance.weighting.uw import UncertaintyWeighting
-
-__all__ = ["DynamicWeightAverage", "EqualWeighting", "RandomLossWeighting", "UncertaintyWeighting"]
+Every module here registers its methods when :mod:`manytask.balance` is imported.
+"""

@@ -1,0 +1,89 @@
+r"""PCGrad: project each task gradient off the gradients it conflicts with.
+
+Yu, Kumar, Gupta, Levine, Hausman and Finn, "Gradient Surgery for Multi-Task Learning",
+NeurIPS 2020, arXiv:2001.06782, Algorithm 1. For each task :math:`i`, in a random order of the
+other tasks :math:`j`:
+
+.. math::
+
+    g_i^{PC} \leftarrow g_i^{PC} - \frac{\min(0,\, g_i^{PC\top} g_j)}{\|g_j\|^2}\, g_j,
+    \qquad d = \sum_i g_i^{PC}
+
+(projections are against the original :math:`g_j`). Every :math:`g_i^{PC}` stays a linear
+combination of the original gradients, so manytask tracks the coefficients with the Gramian
+alone and returns ``d = Jᵀ w`` (as torchjd's ``PCGradWeighting``); the ``T`` projection
+sequences run in parallel, ``T − 1`` vectorised rounds. The random orders come from the
+balancer's own generator (seed ``seed``, or drawn from the global torch RNG), so runs are
+reproducible and every rank draws the same order under ``torch.distributed`` (exact there).
+
+Defaults: the sum of the projected gradients, as the paper. Shared parameters receive ``d``;
+task-specific parameters their own task's gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from manytask import registry
+from manytask.balance.base import GramianWeighting
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` or, when None, by the global torch RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
+    """PCGrad's weights on the original gradients, given each task's order of the others.
+
+    ``orders[i]`` is a permutation of all task indices; task ``i`` skips itself.
+    """
+    g = gramian.double()
+    t = g.shape[0]
+    coeff = torch.eye(t, dtype=g.dtype, device=g.device)  # row i: g_i^PC in the basis of g_j
+    rows = torch.arange(t, device=g.device)
+    for k in range(t):
+        j = orders[:, k]
+        dot = (coeff @ g)[rows, j]  # g_i^PCᵀ g_j
+        conflict = (dot < 0) & (j != rows)
+        step = torch.where(conflict, dot / g[j, j].clamp_min(1e-20), torch.zeros_like(dot))
+        coeff[rows, j] -= step
+    return coeff.sum(dim=0).to(gramian.dtype)
+
+
+@registry.register(
+    "balancer",
+    "pcgrad",
+    "gradient surgery: project away conflicts (Yu et al., NeurIPS 2020, arXiv:2001.06782)",
+)
+class PCGrad(GramianWeighting):
+    """PCGrad as a Gramian weighting.
+
+    Args:
+        tasks: task names.
+        seed: seed of the projection orders (None: from the global torch RNG).
+    """
+
+    def __init__(self, tasks: Sequence[str], seed: int | None = None) -> None:
+        super().__init__(tasks)
+        self.generator = seeded_generator(seed)
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        t = self.num_tasks
+        orders = torch.rand(t, t, generator=self.generator).argsort(dim=1).to(gramian.device)
+        return pcgrad_weights(gramian, orders)
+
+    def get_extra_state(self) -> Any:
+        return {**super().get_extra_state(), "generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,126 @@
+"""What gradient-based methods need, computed once: per-task gradients, Gramians, and the way
+back into the parameters.
+
+**Parameter mode.** :func:`shared_jacobian` runs one backward pass per task and copies the
+gradient of the shared parameters into row ``i`` of one preallocated ``(T, P)`` buffer ``J``.
+The backward passes use ``Tensor.backward`` (not ``autograd.grad``), so every other parameter —
+the task heads — accumulates its own task's gradient in ``.grad`` on the way, and no extra pass
+is needed for them. On a CPU a loop of backward passes is faster than a batched (vmap) one;
+the loop is also what every device supports.
+
+**Feature mode.** :func:`feature_jacobian` differentiates each task loss with respect to the
+shared representation ``Z`` only (the heads, not the encoder: cheap), and
+:func:`backward_through_features` then runs *one* backward pass of ``Σᵢ Lᵢ`` in which a hook
+replaces the gradient arriving at ``Z`` by the aggregated direction, so the heads receive their
+own tasks' gradients and the encoder receives ``∂Z/∂θ · dZ``.
+
+Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from manytask.errors import ConfigError
+
+
+def stash_gradients(params: Sequence[nn.Parameter]) -> list[Tensor | None]:
+    """Take the current ``.grad`` of ``params`` aside (set to None) and return them."""
+    stash = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stash
+
+
+def shared_jacobian(losses: Sequence[Tensor], shared: Sequence[nn.Parameter]) -> Tensor:
+    """``J[i] = ∇_shared Lᵢ`` as a ``(T, P)`` float32 tensor, one backward pass per task.
+
+    The shared parameters' ``.grad`` must be None on entry (see :func:`stash_gradients`) and are
+    None again on return; every other parameter accumulates ``Σᵢ ∇Lᵢ`` as after
+    ``sum(losses).backward()``.
+    """
+    if not shared:
+        raise ConfigError(
+            "this method needs the shared parameters: call backward(losses, "
+            "shared=model.shared_parameters())"
+        )
+    sizes = [p.numel() for p in shared]
+    jacobian = torch.empty(len(losses), sum(sizes), device=shared[0].device, dtype=torch.float32)
+    last = len(losses) - 1
+    for i, loss in enumerate(losses):
+        loss.backward(retain_graph=i < last)
+        offset = 0
+        for p, n in zip(shared, sizes, strict=True):
+            row = jacobian[i, offset : offset + n]
+            if p.grad is None:
+                row.zero_()
+            else:
+                row.copy_(p.grad.reshape(-1))
+                p.grad = None
+            offset += n
+    return jacobian
+
+
+def set_shared_gradients(
+    shared: Sequence[nn.Parameter], direction: Tensor, stash: Sequence[Tensor | None]
+) -> None:
+    """``p.grad = stash + direction[slice of p]``: what a plain backward would have left."""
+    offset = 0
+    for p, old in zip(shared, stash, strict=True):
+        n = p.numel()
+        piece = direction[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = piece.clone() if old is None else old + piece
+        offset += n
+
+
+def as_feature_list(features: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
+    """The shared representation(s) as a list, checked to carry a graph."""
+    if features is None:
+        raise ConfigError(
+            "this method runs in feature mode and needs the shared representation: call "
+            "backward(losses, features=z) with z from model(x, return_features=True)"
+        )
+    items = [features] if isinstance(features, Tensor) else list(features)
+    for z in items:
+        if not z.requires_grad:
+            raise ConfigError(
+                "the shared representation passed as features= is detached from the graph "
+                "(requires_grad is False); pass the tensor the task heads consumed"
+            )
+    return items
+
+
+def feature_jacobian(losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
+    """``J_Z[i] = ∂Lᵢ/∂Z`` flattened over every sample and feature, as a ``(T, ΣZ)`` tensor."""
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(features), retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(z)).reshape(-1).float()
+                    for g, z in zip(grads, features, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def backward_through_features(total: Tensor, features: Sequence[Tensor], direction: Tensor) -> None:
+    """Back-propagate ``total`` with the gradient arriving at the features replaced by
+    ``direction`` (flattened like :func:`feature_jacobian`)."""
+    handles = []
+    offset = 0
+    for z in features:
+        n = z.numel()
+        piece = direction[offset : offset + n].view_as(z).to(z.dtype)
+        handles.append(z.register_hook(lambda _grad, piece=piece: piece))
+        offset += n
+    try:
+        total.backward()
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,146 @@
+"""The engine: what gradient-based methods receive and where their direction goes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import manytask as mt
+from manytask.balance.base import GramianWeighting
+from manytask.errors import ConfigError
+
+
+class Fixed(GramianWeighting):
+    """A test weighting with fixed weights, to check the plumbing (not registered)."""
+
+    def __init__(self, tasks, w):
+        super().__init__(tasks)
+        self.w = torch.tensor(w, dtype=torch.float64)
+        self.seen: list[torch.Tensor] = []
+
+    def weights(self, gramian, losses):
+        self.seen.append(gramian.clone())
+        return self.w
+
+
+def model_and_losses(seed=0):
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(5, 1), nn.Linear(5, 1)])
+    x = torch.randn(6, 4)
+    z = encoder(x)
+    losses = {f"t{i}": (head(z) ** 2).mean() * (i + 1) for i, head in enumerate(heads)}
+    return encoder, heads, z, losses
+
+
+def reference(seed=0):
+    """Per-task gradients by plain autograd, for comparison."""
+    encoder, heads, z, losses = model_and_losses(seed)
+    shared = list(encoder.parameters())
+    rows, head_grads = [], []
+    for i, loss in enumerate(losses.values()):
+        grads = torch.autograd.grad(loss, shared + list(heads[i].parameters()), retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads[: len(shared)]]))
+        head_grads.append([g.clone() for g in grads[len(shared) :]])
+    zgrads = [torch.autograd.grad(loss, z, retain_graph=True)[0] for loss in losses.values()]
+    return torch.stack(rows), head_grads, zgrads
+
+
+def test_parameter_mode_gives_shared_jt_w_and_heads_their_own_gradient():
+    jacobian, head_grads, _ = reference()
+    encoder, heads, _, losses = model_and_losses()
+    shared = list(encoder.parameters())
+    for p in shared:  # an existing gradient is kept, as loss.backward() would
+        p.grad = torch.ones_like(p)
+    method = Fixed(["t0", "t1"], [0.25, 2.0])
+    step = method.backward(losses, shared=shared)
+    d = torch.tensor([0.25, 2.0]) @ jacobian
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    assert torch.allclose(got, d + 1.0, atol=1e-6)
+    for i, head in enumerate(heads):  # unweighted own-task gradient
+        for p, g in zip(head.parameters(), head_grads[i], strict=True):
+            assert torch.allclose(p.grad, g, atol=1e-6)
+    assert torch.allclose(method.seen[0].float(), jacobian @ jacobian.T, atol=1e-5)
+    assert torch.allclose(step.grad_norms, jacobian.norm(dim=1), atol=1e-5)
+    assert step.synced == tuple(shared)
+
+
+def test_feature_mode_backpropagates_the_direction_through_the_encoder_once():
+    _, head_grads, zgrads = reference()
+    encoder, heads, z, losses = model_and_losses()
+    w = torch.tensor([0.5, 3.0])
+    method = Fixed(["t0", "t1"], w.tolist()).configure(mode="features")
+    assert method.needs is mt.balance.Need.FEATURE_GRADIENTS
+    method.backward(losses, features=z)
+    # encoder gradient = ∂z/∂θ · (Σ wᵢ ∂Lᵢ/∂z)
+    enc2, _, z2, _ = model_and_losses()
+    dz = w[0] * zgrads[0] + w[1] * zgrads[1]
+    expected = torch.autograd.grad(z2, list(enc2.parameters()), grad_outputs=dz)
+    for p, g in zip(encoder.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    for i, head in enumerate(heads):
+        for p, g in zip(head.parameters(), head_grads[i], strict=True):
+            assert torch.allclose(p.grad, g, atol=1e-6)
+    gram = torch.stack([g.reshape(-1) for g in zgrads])
+    assert torch.allclose(method.seen[0].float(), gram @ gram.T, atol=1e-6)
+
+
+def test_update_every_reuses_the_last_weights_between_updates():
+    method = Fixed(["t0", "t1"], [0.3, 0.7]).configure(update_every=3)
+    for step_index in range(7):
+        encoder, _, _, losses = model_and_losses(step_index)
+        method.backward(losses, shared=list(encoder.parameters()))
+    assert len(method.seen) == 3  # steps 0, 3, 6
+    # a reused step is one backward of Σ wᵢ Lᵢ
+    encoder, _, _, losses = model_and_losses(1)
+    method = Fixed(["t0", "t1"], [0.3, 0.7]).configure(update_every=2)
+    method.backward(losses, shared=list(encoder.parameters()))
+    encoder, _heads, _, losses = model_and_losses(1)
+    method.backward(losses, shared=list(encoder.parameters()))
+    e2, _, _, l2 = model_and_losses(1)
+    (0.3 * l2["t0"] + 0.7 * l2["t1"]).backward()
+    for p, q in zip(encoder.parameters(), e2.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_log_transform_balances_log_losses():
+    encoder, _, _, losses = model_and_losses()
+    method = Fixed(["t0", "t1"], [1.0, 1.0]).configure(loss_transform="log")
+    method.backward(losses, shared=list(encoder.parameters()))
+    e2, _, _, l2 = model_and_losses()
+    (torch.log(l2["t0"]) + torch.log(l2["t1"])).backward()
+    for p, q in zip(encoder.parameters(), e2.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["uw", "mgda"])
+def test_grad_scaler_gives_the_unscaled_update(name):
+    encoder, heads, _, losses = model_and_losses()
+    params = [*encoder.parameters(), *heads.parameters()]
+    balancer = mt.balance.get(name, ["t0", "t1"])
+    opt = torch.optim.SGD([*params, *balancer.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    balancer.backward(losses, shared=list(encoder.parameters()), scaler=scaler)
+    scaler.unscale_(opt)
+    e2, h2, _, l2 = model_and_losses()
+    reference_balancer = mt.balance.get(name, ["t0", "t1"])
+    reference_balancer.backward(l2, shared=list(e2.parameters()))
+    for p, q in zip(params, [*e2.parameters(), *h2.parameters()], strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_misuse_is_an_error():
+    _encoder, _, z, losses = model_and_losses()
+    with pytest.raises(ConfigError, match="needs the shared parameters"):
+        mt.balance.get("mgda", ["t0", "t1"]).backward(losses)
+    with pytest.raises(ConfigError, match="needs the shared representation"):
+        mt.balance.get("mgda", ["t0", "t1"], mode="features").backward(losses)
+    with pytest.raises(ConfigError, match="detached"):
+        mt.balance.get("mgda", ["t0", "t1"], mode="features").backward(losses, features=z.detach())
+    with pytest.raises(ConfigError, match="does not take mode"):
+        mt.balance.get("ew", ["t0", "t1"], mode="features")
+    with pytest.raises(ConfigError, match="update_every must be"):
+        mt.balance.get("mgda", ["t0", "t1"], update_every=0)
+    with pytest.raises(ConfigError, match="bad value for 'mode'"):
+        mt.balance.get("mgda", ["t0", "t1"], mode="param")
