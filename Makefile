@@ -12,10 +12,14 @@ TORCH := torch==2.13.0
 
 setup: $(STAMP)
 
+# peers compared in tests and benchmarks; --no-deps keeps them from replacing the CPU torch
+PEERS := libmtl==1.1.5 torchjd==0.18.0
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,plots]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plots,peers]'
+	$(BIN)/python -m pip install --quiet --no-deps $(PEERS)
 	touch $(STAMP)
 
 # Debian's real Fashion-MNIST, when it is missing and apt can install it
