@@ -1,0 +1,75 @@
+"""Run a few balanced SGD steps, in one process on the whole batch or as one rank of many on
+its share; used by ``tests/test_distributed.py`` (``torchrun --nproc-per-node 2 steps.py``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import manytask as mt
+from manytask import distributed
+
+#: (registry name, options): one method of each kind
+METHODS = [
+    ("rlw", {}),  # loss-based, random: the ranks share the random state
+    ("uw", {}),  # loss-based with learnable parameters
+    ("dwa", {}),  # loss-based with loss statistics
+    ("mgda", {}),  # Gramian-based, parameter mode: J is averaged over ranks
+    ("pcgrad", {}),  # Gramian-based with a random order
+    ("mgda", {"mode": "features"}),  # feature mode: the per-sample Gramian is summed over ranks
+]
+TASKS = ["a", "b", "c"]
+STEPS = 3
+
+
+def make_model() -> tuple[nn.Module, nn.ModuleList]:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(6, 1) for _ in TASKS])
+    return encoder, heads
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 5, generator=g), torch.randn(8, len(TASKS), generator=g)
+
+
+def run(name: str, options: dict, out: Path) -> None:
+    encoder, heads = make_model()
+    torch.manual_seed(1)  # the same seed on every rank: same random weights and orders
+    balancer = mt.balance.get(name, TASKS, **options)
+    params = [*encoder.parameters(), *heads.parameters(), *balancer.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    rank, world = distributed.rank(), distributed.world_size()
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[rank::world], y[rank::world]
+        z = encoder(x)
+        losses = {t: ((heads[i](z).squeeze(-1) - y[:, i]) ** 2).mean() for i, t in enumerate(TASKS)}
+        optimizer.zero_grad()
+        result = balancer.backward(losses, shared=list(encoder.parameters()), features=z)
+        distributed.average_gradients(result.unsynced(params))
+        optimizer.step()
+        balancer.end_epoch()  # DWA: every step is an "epoch" here, to exercise its statistics
+    if rank == 0:
+        state = {f"p{i}": p.detach().clone() for i, p in enumerate(params)}
+        tag = name + "".join(f"-{k}={v}" for k, v in options.items())
+        save_file(state, str(out / f"{tag}-world{world}.safetensors"))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    distributed.init_from_env()
+    for name, options in METHODS:
+        run(name, options, out)
+    if distributed.rank() == 0:
+        (out / f"done-world{distributed.world_size()}.json").write_text(json.dumps(METHODS))
+
+
+if __name__ == "__main__":
+    main()
