@@ -50,7 +50,9 @@ def _stub_torchvision() -> None:
     utils.load_state_dict_from_url = lambda *a, **k: None  # type: ignore[attr-defined]
     tv.models = models  # type: ignore[attr-defined]
     models.utils = utils  # type: ignore[attr-defined]
-    sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.utils": utils})
+    sys.modules.update(
+        {"torchvision": tv, "torchvision.models": models, "torchvision.models.utils": utils}
+    )
 
 
 def linear_losses(jacobian: Tensor, values: Tensor) -> tuple[nn.Parameter, list[Tensor]]:

@@ -13,7 +13,9 @@ def test_shared_bottom_shapes_and_features():
     out, features = model(torch.randn(7, 3, 4), return_features=True)
     assert out["c"].shape == (7, 5)
     assert out["r"].shape == (7,)
-    assert features.shape == (7, 8)
+    assert len(features) == 2
+    assert all(f.shape == (7, 8) for f in features)
+    assert features[0]._base is features[1]._base  # one view of the same features per head
     assert set(model(torch.randn(1, 3, 4))) == {"c", "r"}  # batch size 1 works
 
 

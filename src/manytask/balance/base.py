@@ -281,50 +281,54 @@ class _GradientMethod(Balancer):
         self.mode = mode
         return self
 
-    def _jacobian(
+    @abc.abstractmethod
+    def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+        """The direction for an unscaled Jacobian and the step record (without ``synced``)."""
+
+    def _preempt(self, items: list[Tensor], scale: Tensor | None) -> BalanceStep | None:
+        """A step that skips the per-task gradients (``update_every``), or None."""
+        return None
+
+    def backward(
         self,
-        items: list[Tensor],
-        shared: Iterable[nn.Parameter] | None,
-        features: Tensor | Sequence[Tensor] | None,
-        scale: Tensor | None,
-    ) -> tuple[Tensor, list[nn.Parameter], list[Tensor | None], list[Tensor]]:
-        """``J`` (unscaled, averaged over ranks in parameter mode) and what is needed to apply
-        a direction afterwards."""
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
+    ) -> BalanceStep:
+        items = self.loss_list(losses)
+        scale = _scale_of(scaler, items[0].device)
+        early = self._preempt(items, scale)
+        if early is not None:
+            return early
+        values = self.loss_values(items)  # a collective: before any hook runs
+        record: list[BalanceStep] = []
+
+        def combine(jacobian: Tensor) -> Tensor:
+            if scale is not None:
+                jacobian = jacobian / scale
+            direction, step = self._combine(jacobian, values)
+            record.append(step)
+            return direction if scale is None else direction * scale
+
         scaled = items if scale is None else [loss * scale for loss in items]
+        synced: tuple[nn.Parameter, ...] = ()
         if self.mode == "features":
             feats = engine.as_feature_list(features)
-            jacobian = engine.feature_jacobian(scaled, feats)
-            params: list[nn.Parameter] = []
-            stash: list[Tensor | None] = []
+            if engine.are_task_views(feats, len(items)):
+                engine.one_pass_feature_backward(scaled, feats, combine)
+            else:
+                direction = combine(engine.feature_jacobian(scaled, feats))
+                engine.backward_through_features(torch.stack(scaled).sum(), feats, direction)
         else:
-            feats = []
             params = list(shared) if shared is not None else []
             stash = engine.stash_gradients(params)
             jacobian = engine.shared_jacobian(scaled, params)
             distributed.all_reduce_mean_(jacobian)
-        if scale is not None:
-            jacobian = jacobian / scale
-        return jacobian, params, stash, feats
-
-    def _apply_direction(
-        self,
-        direction: Tensor,
-        items: list[Tensor],
-        params: list[nn.Parameter],
-        stash: list[Tensor | None],
-        feats: list[Tensor],
-        scale: Tensor | None,
-    ) -> tuple[nn.Parameter, ...]:
-        """Put ``direction`` (of the shared parameters or features) into the gradients."""
-        direction = direction if scale is None else direction * scale
-        if self.mode == "features":
-            total = torch.stack(items).sum()
-            engine.backward_through_features(
-                total if scale is None else total * scale, feats, direction
-            )
-            return ()
-        engine.set_shared_gradients(params, direction, stash)
-        return tuple(params)
+            engine.set_shared_gradients(params, combine(jacobian), stash)
+            synced = tuple(params)
+        step = record[0]
+        return BalanceStep(step.weights, step.grad_norms, step.cosines, synced=synced)
 
 
 class GramianWeighting(_GradientMethod):
@@ -366,32 +370,25 @@ class GramianWeighting(_GradientMethod):
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         return self.weights(jacobian @ jacobian.T, losses).to(jacobian.dtype) @ jacobian
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        shared: Iterable[nn.Parameter] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: Any = None,
-    ) -> BalanceStep:
-        items = self.loss_list(losses)
-        scale = _scale_of(scaler, items[0].device)
+    def _preempt(self, items: list[Tensor], scale: Tensor | None) -> BalanceStep | None:
         reuse = self._steps % self.update_every != 0
         self._steps += 1
-        if reuse:  # between updates: one backward of Σ wᵢ Lᵢ with the last weights
-            total = (self.last_weights.to(items[0].dtype) * torch.stack(items)).sum()
-            (total if scale is None else total * scale).backward()
-            return BalanceStep(weights=self.last_weights.detach().clone())
-        jacobian, params, stash, feats = self._jacobian(items, shared, features, scale)
+        if not reuse:
+            return None
+        # between updates: one backward of Σ wᵢ Lᵢ with the last weights
+        total = (self.last_weights.to(items[0].dtype) * torch.stack(items)).sum()
+        (total if scale is None else total * scale).backward()
+        return BalanceStep(weights=self.last_weights.detach().clone())
+
+    def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
         gramian = jacobian @ jacobian.T
         if self.mode == "features" and distributed.world_size() > 1:
             gramian = distributed.all_reduce_sum_(gramian) / distributed.world_size() ** 2
-        weights = self.weights(gramian, self.loss_values(items)).to(jacobian.dtype)
+        weights = self.weights(gramian, losses).to(jacobian.dtype)
         self.last_weights.copy_(weights.detach())
-        synced = self._apply_direction(weights @ jacobian, items, params, stash, feats, scale)
         norms, cosines = gramian_statistics(gramian)
-        return BalanceStep(
-            weights=weights.detach(), grad_norms=norms, cosines=cosines, synced=synced
-        )
+        step = BalanceStep(weights=weights.detach(), grad_norms=norms, cosines=cosines)
+        return weights @ jacobian, step
 
     def get_extra_state(self) -> Any:
         return {"steps": self._steps}
@@ -417,21 +414,13 @@ class JacobianAggregator(_GradientMethod):
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         return self.aggregate(jacobian, losses)
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        shared: Iterable[nn.Parameter] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: Any = None,
-    ) -> BalanceStep:
+    def _preempt(self, items: list[Tensor], scale: Tensor | None) -> BalanceStep | None:
         if self.mode == "features" and distributed.world_size() > 1:
             raise ConfigError(
                 f"{type(self).__name__} aggregates per-sample feature gradients, which differ "
                 "between ranks; under torch.distributed use mode='parameters'"
             )
-        items = self.loss_list(losses)
-        scale = _scale_of(scaler, items[0].device)
-        jacobian, params, stash, feats = self._jacobian(items, shared, features, scale)
-        direction = self.direction(jacobian, self.loss_values(items))
-        synced = self._apply_direction(direction, items, params, stash, feats, scale)
-        return BalanceStep(weights=None, synced=synced)
+        return None
+
+    def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+        return self.direction(jacobian, losses), BalanceStep(weights=None)

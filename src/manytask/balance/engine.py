@@ -8,18 +8,23 @@ the task heads — accumulates its own task's gradient in ``.grad`` on the way, 
 is needed for them. On a CPU a loop of backward passes is faster than a batched (vmap) one;
 the loop is also what every device supports.
 
-**Feature mode.** :func:`feature_jacobian` differentiates each task loss with respect to the
-shared representation ``Z`` only (the heads, not the encoder: cheap), and
-:func:`backward_through_features` then runs *one* backward pass of ``Σᵢ Lᵢ`` in which a hook
-replaces the gradient arriving at ``Z`` by the aggregated direction, so the heads receive their
-own tasks' gradients and the encoder receives ``∂Z/∂θ · dZ``.
+**Feature mode.** When the model hands each task head its own view of the shared
+representation ``Z`` (``model(x, return_features=True)`` returns those views, as manytask's
+architectures do), :func:`one_pass_feature_backward` needs a single backward pass of
+``Σᵢ Lᵢ``: a hook on each view records that task's gradient ``∂Lᵢ/∂Z``, and a hook on ``Z``
+itself — which runs once every view's gradient is known — computes the direction from them and
+replaces the gradient that flows into the encoder. Heads receive their own tasks' gradients,
+the encoder receives ``∂Z/∂θ · dZ``; the cost is that of equal weighting plus the method's rule.
+For a representation given any other way, :func:`feature_jacobian` differentiates each loss
+with respect to ``Z`` (through the heads only) and :func:`backward_through_features` runs the
+one backward pass through the encoder.
 
 Nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +96,47 @@ def as_feature_list(features: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
                 "(requires_grad is False); pass the tensor the task heads consumed"
             )
     return items
+
+
+def are_task_views(features: Sequence[Tensor], tasks: int) -> bool:
+    """True when ``features`` are one view per task of a single representation tensor."""
+    if len(features) != tasks:
+        return False
+    base = features[0]._base
+    return base is not None and base.requires_grad and all(f._base is base for f in features)
+
+
+def one_pass_feature_backward(
+    losses: Sequence[Tensor], views: Sequence[Tensor], combine: Callable[[Tensor], Tensor]
+) -> None:
+    """One backward pass of ``Σᵢ Lᵢ`` in which the encoder receives ``combine(J_Z)``.
+
+    ``views[i]`` is the view of the representation ``Z`` that task ``i``'s head consumed;
+    ``combine`` maps the ``(T, |Z|)`` per-task gradients to the flattened direction for ``Z``.
+    """
+    base = views[0]._base
+    assert base is not None
+    captured: list[Tensor | None] = [None] * len(views)
+
+    def keep(index: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            captured[index] = grad
+
+        return hook
+
+    def replace(_total: Tensor) -> Tensor:
+        rows = [
+            (g if g is not None else torch.zeros_like(base)).reshape(-1).float() for g in captured
+        ]
+        return combine(torch.stack(rows)).view_as(base).to(base.dtype)
+
+    handles = [view.register_hook(keep(i)) for i, view in enumerate(views)]
+    handles.append(base.register_hook(replace))
+    try:
+        torch.stack(list(losses)).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def feature_jacobian(losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:

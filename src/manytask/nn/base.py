@@ -2,8 +2,10 @@
 
 A multi-task model maps inputs to one output per task (``dict[str, Tensor]``). Asked with
 ``return_features=True`` it also returns the shared representation that feeds the task heads,
-for representation-level balancing and analysis. It says which parameters are shared and which
-belong to each task, so a balancer can treat them differently.
+for representation-level balancing and analysis: one view of it per task, in task order, each
+the tensor that task's head consumed (so one backward pass can separate the tasks'
+gradients). It says which parameters are shared and which belong to each task, so a balancer
+can treat them differently.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ class MultiTaskModel(nn.Module, abc.ABC):
     @overload
     def forward(
         self, x: Tensor, return_features: Literal[True]
-    ) -> tuple[dict[str, Tensor], Tensor]: ...
+    ) -> tuple[dict[str, Tensor], list[Tensor]]: ...
 
     @abc.abstractmethod
     def forward(
         self, x: Tensor, return_features: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Tensor]]:
         """Per-task outputs, and the shared representation when ``return_features``."""
 
     @abc.abstractmethod

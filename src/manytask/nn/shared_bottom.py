@@ -41,10 +41,15 @@ class SharedBottom(MultiTaskModel):
 
     def forward(  # type: ignore[override]
         self, x: Tensor, return_features: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Tensor]]:
         features = self.encoder(x)
-        outputs = {name: head(features) for name, head in self.heads.items()}
-        return (outputs, features) if return_features else outputs
+        if not return_features:
+            return {name: head(features) for name, head in self.heads.items()}
+        # each head reads its own view of the features, so that one backward pass can tell
+        # the tasks' gradients apart (manytask.balance.engine.one_pass_feature_backward)
+        views = [features.view_as(features) for _ in self.heads]
+        outputs = {name: head(v) for (name, head), v in zip(self.heads.items(), views, strict=True)}
+        return outputs, views
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.encoder.parameters()

@@ -1,0 +1,308 @@
+"""Milliseconds per training step of every balancing method, beside LibMTL and torchjd.
+
+One shared-bottom MLP (input 64 → 256 → 256, ReLU; one linear head per task), a batch of 256
+random regression samples, SGD. A step is: forward, per-task MSE losses, the method's backward,
+optimizer step. Each library runs the same model, data and step in the same process; the
+figures are medians over ``--steps`` timed steps after ``--warmup`` untimed ones, and ratios
+are taken within one run (equal weighting is the baseline).
+
+Also times one Nash-MTL weight computation: manytask's torch solver against the cvxpy-based
+reference (torchjd's ``NashMTL`` weighting, which follows the authors' cvxpy formulation), with
+the largest difference of the weights.
+
+    python benchmarks/balance_speed.py                      # every method, k = 2, 10, 40
+    python benchmarks/balance_speed.py --tasks 10 --methods ew,mgda,pcgrad
+
+Writes ``benchmarks/results/balance_speed.json`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import manytask as mt
+from manytask import registry
+from manytask.balance.base import GramianWeighting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# manytask name -> (LibMTL 1.1.5 class, its keyword arguments at their documented defaults)
+LIBMTL = {
+    "ew": ("EW", {}),
+    "uw": ("UW", {}),
+    "gls": ("GLS", {}),
+    "rlw": ("RLW", {}),
+    "mgda": ("MGDA", {"mgda_gn": "none"}),
+    "pcgrad": ("PCGrad", {}),
+    "gradvac": ("GradVac", {"GradVac_beta": 0.5, "GradVac_group_type": 0}),
+    "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}),
+    "graddrop": ("GradDrop", {"leak": 0.0}),
+    "imtl": ("IMTL", {}),
+    "gradnorm": ("GradNorm", {"alpha": 1.5}),
+}
+# manytask name -> torchjd 0.18 aggregator class
+TORCHJD = {
+    "mgda": "MGDA",
+    "pcgrad": "PCGrad",
+    "upgrad": "UPGrad",
+    "dualproj": "DualProj",
+    "cagrad": "CAGrad",
+    "nash_mtl": "NashMTL",
+    "imtl_g": "IMTLG",
+    "aligned_mtl": "AlignedMTL",
+    "graddrop": "GradDrop",
+    "gradvac": "GradVac",
+    "config": "ConFIG",
+    "fairgrad": "FairGrad",
+    "excess_mtl": "ExcessMTL",
+    "krum": "Krum",
+    "trimmed_mean": "TrimmedMean",
+    "mean": "Mean",
+    "constant": "Constant",
+}
+# methods whose parameter-mode update is exact (no approximation of the paper's rule) and
+# that LibMTL also implements: the speed target compares these
+EXACT_PARAMETER_METHODS = ["mgda", "pcgrad", "gradvac", "cagrad", "graddrop", "imtl"]
+
+
+class Bench:
+    """The model, data and optimizer of one measurement, rebuilt identically for each."""
+
+    def __init__(self, tasks: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.tasks = tasks
+        self.encoder = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(256, 1) for _ in range(tasks)])
+        self.x = torch.randn(256, 64)
+        self.y = torch.randn(256, tasks)
+        self.params = [*self.encoder.parameters(), *self.heads.parameters()]
+
+    def forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z = self.encoder(self.x)
+        losses = [((head(z).squeeze(-1) - self.y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)]
+        return z, losses
+
+
+def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def manytask_step(name: str, tasks: int, mode: str) -> Callable[[], None]:
+    bench = Bench(tasks)
+    names = [f"t{i}" for i in range(tasks)]
+    options = {"mode": mode} if mode == "features" else {}
+    balancer = mt.balance.get(name, names, **options)
+    optimizer = torch.optim.SGD([*bench.params, *balancer.parameters()], lr=1e-3)
+    shared = list(bench.encoder.parameters())
+
+    def step() -> None:
+        z, losses = bench.forward()
+        optimizer.zero_grad()
+        balancer.backward(dict(zip(names, losses, strict=True)), shared=shared, features=z)
+        optimizer.step()
+        balancer.end_epoch()
+
+    return step
+
+
+def _stub_torchvision() -> None:
+    """LibMTL's package imports torchvision for its ResNet only; stub the one function."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        importlib.import_module("torchvision")
+        return
+    except Exception:  # noqa: BLE001
+        pass
+    tv, models, utils = (types.ModuleType(n) for n in ("torchvision", "torchvision.models", "torchvision.models.utils"))
+    utils.load_state_dict_from_url = lambda *a, **k: None  # type: ignore[attr-defined]
+    tv.models, models.utils = models, utils  # type: ignore[attr-defined]
+    sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.utils": utils})
+
+
+def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
+    if name not in LIBMTL:
+        return None
+    _stub_torchvision()
+    try:
+        module = importlib.import_module(f"LibMTL.weighting.{LIBMTL[name][0]}")
+    except ImportError:
+        return None
+    cls = getattr(module, LIBMTL[name][0])
+    kwargs = LIBMTL[name][1]
+    bench = Bench(tasks)
+
+    class Harness(cls):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.task_num = tasks
+            self.task_name = [f"t{i}" for i in range(tasks)]
+            self.device = torch.device("cpu")
+            self.rep_grad = False
+            self.epoch = 0
+            self.encoder = bench.encoder
+
+        def get_share_params(self) -> Any:
+            return bench.encoder.parameters()
+
+        def zero_grad_share_params(self) -> None:
+            bench.encoder.zero_grad(set_to_none=False)
+
+    harness = Harness()
+    harness.init_param()
+    optimizer = torch.optim.SGD([*bench.params, *[p for n, p in harness.named_parameters() if not n.startswith("encoder")]], lr=1e-3)
+
+    def step() -> None:
+        _, losses = bench.forward()
+        optimizer.zero_grad()
+        harness.backward(torch.stack(losses), **kwargs)
+        optimizer.step()
+
+    return step
+
+
+def torchjd_step(name: str, tasks: int) -> Callable[[], None] | None:
+    if name not in TORCHJD:
+        return None
+    try:
+        aggregation = importlib.import_module("torchjd.aggregation")
+        autojac = importlib.import_module("torchjd.autojac")
+    except ImportError:
+        return None
+    cls = getattr(aggregation, TORCHJD[name])
+    try:
+        aggregator = cls(torch.ones(tasks)) if name == "constant" else cls()
+    except Exception:  # noqa: BLE001 - e.g. an optional dependency is missing
+        return None
+    bench = Bench(tasks)
+    optimizer = torch.optim.SGD(bench.params, lr=1e-3)
+    shared = list(bench.encoder.parameters())
+
+    def step() -> None:
+        z, losses = bench.forward()
+        optimizer.zero_grad()
+        autojac.mtl_backward(losses, features=z, shared_params=shared)
+        autojac.jac_to_grad(shared, aggregator)
+        optimizer.step()
+
+    return step
+
+
+def nash_weight_timing(tasks: int, repeats: int = 20) -> dict[str, float] | None:
+    """One Nash-MTL weight computation: manytask's solver vs torchjd's cvxpy weighting."""
+    if "nash_mtl" not in registry.names("balancer"):
+        return None
+    try:
+        aggregation = importlib.import_module("torchjd.aggregation")
+        reference = aggregation.NashMTL(n_tasks=tasks, update_weights_every=1)
+    except Exception:  # noqa: BLE001
+        return None
+    balancer = mt.balance.get("nash_mtl", [f"t{i}" for i in range(tasks)])
+    assert isinstance(balancer, GramianWeighting)
+    g = torch.Generator().manual_seed(tasks)
+    ours_t, ref_t, diffs = [], [], []
+    for _ in range(repeats):
+        jacobian = torch.randn(tasks, 50, generator=g, dtype=torch.float64)
+        gramian = jacobian @ jacobian.T
+        losses = torch.ones(tasks, dtype=torch.float64)
+        started = time.perf_counter()
+        w = balancer.weights(gramian, losses)
+        ours_t.append(time.perf_counter() - started)
+        reference.reset() if hasattr(reference, "reset") else None
+        started = time.perf_counter()
+        d_ref = reference(jacobian)
+        ref_t.append(time.perf_counter() - started)
+        d_ours = w.to(jacobian.dtype) @ jacobian
+        diffs.append(float((d_ours - d_ref).abs().max() / d_ref.abs().max().clamp_min(1e-12)))
+    ours_ms = 1000 * statistics.median(ours_t)
+    ref_ms = 1000 * statistics.median(ref_t)
+    return {"ours_ms": ours_ms, "cvxpy_ms": ref_ms, "speedup": ref_ms / ours_ms, "max_rel_diff": max(diffs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="all")
+    parser.add_argument("--tasks", default="2,10,40")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "balance_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    names = registry.names("balancer") if args.methods == "all" else args.methods.split(",")
+    sizes = [int(k) for k in args.tasks.split(",")]
+    rows: list[dict[str, Any]] = []
+    for k in sizes:
+        ew = timed(manytask_step("ew", k, "parameters"), args.warmup, args.steps)
+        for name in names:
+            gradient = name in registry.names("balancer") and not issubclass(
+                registry.get("balancer", name), mt.balance.LossWeighting
+            )
+            row: dict[str, Any] = {"method": name, "tasks": k, "ew_ms": ew}
+            row["ours_ms"] = timed(manytask_step(name, k, "parameters"), args.warmup, args.steps)
+            if gradient:
+                row["ours_features_ms"] = timed(manytask_step(name, k, "features"), args.warmup, args.steps)
+            lib = libmtl_step(name, k)
+            row["libmtl_ms"] = timed(lib, args.warmup, args.steps) if lib else None
+            jd = torchjd_step(name, k)
+            row["torchjd_ms"] = timed(jd, args.warmup, args.steps) if jd else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    nash = {k: nash_weight_timing(k) for k in sizes}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "rows": rows, "nash_mtl_weights": nash}, indent=1))
+    print(markdown(rows, nash))
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], nash: dict[int, Any]) -> str:
+    lines = [
+        "| method | k | manytask ms | feature mode ms | LibMTL ms | torchjd ms | manytask / LibMTL | features / EW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lib_ratio = r["ours_ms"] / r["libmtl_ms"] if r.get("libmtl_ms") else None
+        feat = r.get("ours_features_ms")
+        feat_ratio = feat / r["ew_ms"] if feat else None
+        lines.append(
+            f"| {r['method']} | {r['tasks']} | {_fmt(r['ours_ms'])} | {_fmt(feat)} | {_fmt(r.get('libmtl_ms'))} | "
+            f"{_fmt(r.get('torchjd_ms'))} | {_fmt(lib_ratio)} | {_fmt(feat_ratio)} |"
+        )
+    lines += ["", "| Nash-MTL weights, k | manytask ms | cvxpy reference ms | speed-up | max relative difference |", "|---:|---:|---:|---:|---:|"]
+    for k, v in nash.items():
+        if v:
+            lines.append(f"| {k} | {v['ours_ms']:.2f} | {v['cvxpy_ms']:.2f} | {v['speedup']:.1f}× | {v['max_rel_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
