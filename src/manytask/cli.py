@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(compare)
     compare.add_argument(
-        "--methods", required=True, help="comma-separated balancer names, e.g. ew,uw,dwa,rlw"
+        "--methods",
+        required=True,
+        help="comma-separated balancer names, e.g. ew,uw,dwa,rlw, or 'all'",
     )
     compare.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
 
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from manytask.train.compare import compare, compare_dir
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if methods == ["all"]:
+            methods = registry.names("balancer")
         if args.seeds < 1:
             raise ManytaskError(f"--seeds must be ≥ 1, got {args.seeds}")
         board = compare(

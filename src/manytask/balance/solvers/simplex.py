@@ -6,19 +6,20 @@ import torch
 from torch import Tensor
 
 
-def project_simplex(v: Tensor) -> Tensor:
+def project_simplex(v: Tensor, ranks: Tensor | None = None) -> Tensor:
     """Euclidean projection of ``v`` (last dimension) onto ``{w ≥ 0, Σ w = 1}``.
 
     The sort-based algorithm of Held, Wolfe and Crowder (1974) as stated by Duchi et al.
     (ICML 2008): ``w = max(v − θ, 0)`` with ``θ`` chosen so that the result sums to one.
+    ``ranks`` (``1, 2, …, n`` in ``v``'s dtype) may be passed to save an allocation in loops.
     """
     n = v.shape[-1]
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    cumulative = u.cumsum(dim=-1) - 1.0
-    index = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
-    active = u - cumulative / index > 0
-    rho = active.to(v.dtype).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last active index
-    theta = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
+    if ranks is None:
+        ranks = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
+    u = torch.sort(v, dim=-1, descending=True).values
+    cumulative = u.cumsum(dim=-1).sub_(1.0)
+    active = (u * ranks > cumulative).sum(dim=-1, keepdim=True)  # the condition is monotone
+    theta = cumulative.gather(-1, active - 1) / active
     return (v - theta).clamp_min(0.0)
 
 
@@ -28,31 +29,70 @@ def _pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
     return ((g22 - g12) / denominator).clamp(0.0, 1.0)
 
 
-def simplex_qp(quadratic: Tensor, linear: Tensor | None = None, iterations: int = 300) -> Tensor:
+def _polish(a: Tensor, b: Tensor, w: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Solve the problem exactly on the support of ``w`` and say whether that is optimal.
+
+    On the support ``S`` the optimum satisfies ``A_SS w_S + b_S = μ 1`` and ``Σ w_S = 1``
+    (a small linear system, solved by least squares so that duplicate tasks are fine). The
+    result is kept when it is feasible and no task outside ``S`` has a smaller gradient
+    (the KKT conditions); otherwise ``w`` is returned unchanged.
+    """
+    t = a.shape[0]
+    support = w > 0
+    mask = support.to(a.dtype)
+    system = torch.zeros(t + 1, t + 1, dtype=a.dtype, device=a.device)
+    system[:t, :t] = a * mask[:, None] * mask[None, :] + torch.diag(1.0 - mask)
+    system[:t, t] = -mask
+    system[t, :t] = mask
+    rhs = torch.cat([-b * mask, torch.ones(1, dtype=a.dtype, device=a.device)])
+    solution = torch.linalg.lstsq(system, rhs[:, None]).solution[:, 0]
+    candidate = solution[:t] * mask
+    gradient = a @ candidate + b
+    level = (candidate * gradient).sum()
+    scale = 1.0 + gradient.abs().max()
+    optimal = (
+        (candidate >= -tol).all()
+        & ((candidate.sum() - 1.0).abs() <= tol)
+        & (gradient >= level - tol * scale).all()
+    )
+    polished = torch.where(optimal, candidate.clamp_min(0.0), w)
+    return polished / polished.sum(), optimal
+
+
+def simplex_qp(
+    quadratic: Tensor, linear: Tensor | None = None, iterations: int = 300, tol: float = 1e-9
+) -> Tensor:
     """``argmin_{w ∈ Δ} ½ wᵀ A w + bᵀ w`` for a positive semi-definite ``A``.
 
     Accelerated projected gradient (FISTA, Beck and Teboulle, 2009) from the uniform point,
-    step ``1/λ_max(A)``, a fixed number of iterations. On random problems with up to 40 tasks,
-    300 iterations leave an objective gap below 1e-6 of the optimum (Frank–Wolfe, the usual
-    MGDA solver, leaves about 1e-2 after 250 iterations at 40 tasks).
+    step ``1/λ_max(A)``, at most ``iterations`` iterations, followed by an exact solve on the
+    support the iterations found (kept only when it satisfies the KKT conditions). On random
+    problems with up to 40 tasks the result matches a QP solver to 1e-9 (Frank–Wolfe, the
+    usual MGDA solver, leaves an objective gap of about 1e-2 after 250 iterations at 40 tasks).
+
+    On a GPU every iteration runs (a convergence test would wait for the device). On the CPU,
+    where reading a value costs nothing, every 10 iterations the support is polished and the
+    loop stops as soon as that is optimal.
     """
     a = quadratic.double()
-    b = (
-        torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
-        if linear is None
-        else linear.double()
-    )
     t = a.shape[0]
+    b = torch.zeros(t, dtype=a.dtype, device=a.device) if linear is None else linear.double()
+    ranks = torch.arange(1, t + 1, device=a.device, dtype=a.dtype)
     step = 1.0 / torch.linalg.eigvalsh(a)[-1].clamp_min(1e-20)
     w = torch.full((t,), 1.0 / t, dtype=a.dtype, device=a.device)
     y = w
     momentum = 1.0
-    for _ in range(iterations):
-        w_next = project_simplex(y - step * (a @ y + b))
+    may_stop = a.device.type == "cpu"
+    for k in range(iterations):
+        w_next = project_simplex(y - step * (a @ y + b), ranks)
         momentum_next = (1.0 + (1.0 + 4.0 * momentum * momentum) ** 0.5) / 2.0
         y = w_next + ((momentum - 1.0) / momentum_next) * (w_next - w)
         w, momentum = w_next, momentum_next
-    return w
+        if may_stop and k % 10 == 9:
+            polished, optimal = _polish(a, b, w, tol)
+            if bool(optimal):  # a CPU tensor: no device to wait for
+                return polished
+    return _polish(a, b, w, tol)[0]
 
 
 def min_norm_weights(gramian: Tensor, iterations: int = 300) -> Tensor:
