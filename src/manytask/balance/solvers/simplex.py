@@ -77,6 +77,10 @@ def simplex_qp(
     a = quadratic.double()
     t = a.shape[0]
     b = torch.zeros(t, dtype=a.dtype, device=a.device) if linear is None else linear.double()
+    # the minimiser does not change when the objective is scaled: work at unit scale, so that
+    # the tolerances are relative
+    size = torch.maximum(a.abs().max(), b.abs().max()).clamp_min(1e-300)
+    a, b = a / size, b / size
     ranks = torch.arange(1, t + 1, device=a.device, dtype=a.dtype)
     step = 1.0 / torch.linalg.eigvalsh(a)[-1].clamp_min(1e-20)
     w = torch.full((t,), 1.0 / t, dtype=a.dtype, device=a.device)
