@@ -30,7 +30,9 @@ from manytask.balance.base import LossWeighting
 from manytask.errors import ConfigError
 
 
-@registry.register("balancer", "dwa", "dynamic weight average (Liu et al., CVPR 2019)")
+@registry.register(
+    "balancer", "dwa", "dynamic weight average (Liu et al., CVPR 2019, arXiv:1803.10704)"
+)
 class DynamicWeightAverage(LossWeighting):
     """Dynamic weight average over epoch-mean losses.
 

@@ -5,7 +5,8 @@ r"""Equal weighting (EW): the plain sum of the task losses.
 The baseline of every MTL comparison (e.g. the "EW" row of LibMTL's tables and of
 Lin et al., TMLR 2022, arXiv:2111.10603). manytask sums rather than averages so that a single-task
 run and a one-task EW run take identical steps; the static ``Task.weight`` is applied to each
-loss before it reaches the balancer. No parameters.
+loss before it reaches the balancer. No parameters. Also registered as ``sum``, the name of the
+same rule among torchjd's aggregators.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from manytask.balance.base import LossWeighting
 
 
 @registry.register("balancer", "ew", "equal weighting: the sum of the task losses")
+@registry.register(
+    "balancer", "sum", "sum of the task gradients, as torchjd's Sum aggregator (alias of ew)"
+)
 class EqualWeighting(LossWeighting):
     """Equal weighting: ``w_i = 1`` for every task."""
 

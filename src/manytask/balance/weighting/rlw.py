@@ -12,6 +12,9 @@ Defaults: the standard normal with softmax normalisation, the distribution the p
 recommends and reports in its main tables. The weights are drawn from the balancer's own
 ``torch.Generator`` (its state is part of ``state_dict()``), seeded from ``seed`` or, when
 ``seed`` is None, from the global torch RNG at construction, so a run's seed fixes them.
+
+Also registered as ``random``: the paper's random gradient weighting (its Algorithm 2, torchjd's
+``Random`` aggregator) gives the shared parameters the same update, ``Σ wᵢ ∇Lᵢ``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from manytask.balance.base import LossWeighting
 from manytask.errors import ConfigError
 
 
-@registry.register("balancer", "rlw", "random loss weighting (Lin et al., TMLR 2022)")
+@registry.register(
+    "balancer", "rlw", "random loss weighting (Lin et al., TMLR 2022, arXiv:2111.10603)"
+)
+@registry.register(
+    "balancer",
+    "random",
+    "random gradient weighting, softmax of N(0, I) (Lin et al., TMLR 2022; alias of rlw)",
+)
 class RandomLossWeighting(LossWeighting):
     """Random loss weighting with softmax-normalised Gaussian weights.
 

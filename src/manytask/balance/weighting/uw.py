@@ -33,7 +33,9 @@ from manytask import registry
 from manytask.balance.base import LossWeighting
 
 
-@registry.register("balancer", "uw", "uncertainty weighting (Kendall et al., CVPR 2018)")
+@registry.register(
+    "balancer", "uw", "uncertainty weighting (Kendall et al., CVPR 2018, arXiv:1705.07115)"
+)
 class UncertaintyWeighting(LossWeighting):
     """Uncertainty weighting with learnable log-variances ``s_i``.
 
