@@ -18,7 +18,8 @@ def project_simplex(v: Tensor, ranks: Tensor | None = None) -> Tensor:
         ranks = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
     u = torch.sort(v, dim=-1, descending=True).values
     cumulative = u.cumsum(dim=-1).sub_(1.0)
-    active = (u * ranks > cumulative).sum(dim=-1, keepdim=True)  # the condition is monotone
+    # the condition is monotone; at least one entry stays, so a NaN input gives a NaN output
+    active = (u * ranks > cumulative).sum(dim=-1, keepdim=True).clamp_min(1)
     theta = cumulative.gather(-1, active - 1) / active
     return (v - theta).clamp_min(0.0)
 

@@ -1,0 +1,122 @@
+r"""GradDrop: keep, coordinate by coordinate, the gradients of one randomly chosen sign.
+
+Chen, Ngiam, Huang, Luong, Kretzschmar, Chai and Anguelov, "Just Pick a Sign: Optimizing Deep
+Multitask Models with Gradient Sign Dropout", NeurIPS 2020, arXiv:2010.06808, Algorithm 1.
+With the rows :math:`g_i` of ``J``, for every coordinate :math:`p`:
+
+.. math::
+
+    P_p = \tfrac12\Big(1 + \frac{\sum_i g_{ip}}{\sum_i |g_{ip}|}\Big), \qquad
+    U_p \sim \mathcal U(0, 1),
+
+.. math::
+
+    M_{ip} = [P_p > U_p]\,[g_{ip} > 0] + [P_p < U_p]\,[g_{ip} < 0], \qquad
+    d_p = \sum_i \big(\ell_i + (1 - \ell_i) M_{ip}\big)\, g_{ip}
+
+:math:`P_p` is the positive sign purity: with probability :math:`P_p` only the positive
+components of coordinate :math:`p` pass, otherwise only the negative ones; the leak
+:math:`\ell_i` lets a fraction of task :math:`i`'s gradient through regardless. A coordinate
+where every gradient is zero gets :math:`P_p = 1/2` (and a zero direction).
+
+Where it runs: the paper applies GradDrop to the gradients at a layer's activations (the
+shared representation), multiplying them by :math:`\operatorname{sign}(A)` and summing over the
+batch before computing :math:`P`. manytask applies the rule to whatever ``J`` the engine gives:
+the gradients of the shared parameters (default, where there is no activation sign and no batch
+axis) or, with ``mode="features"``, the gradients at the shared representation flattened over
+samples and features, each sample's feature being its own coordinate (no batch sum, no
+activation sign). This is the coordinate-wise rule of torchjd's ``GradDrop``; LibMTL 1.1.5 runs
+it only on representations, with the paper's sign-and-batch-sum step.
+
+Defaults: ``leak = 0`` (the paper's plain GradDrop and LibMTL's default) for every task, or one
+value per task; the monotone function :math:`f` of the paper is the identity (its default).
+:math:`U` is drawn on the CPU from the balancer's own generator (``seed``, or drawn from the
+global torch RNG), in ``J``'s dtype, and copied to ``J``'s device (from pinned memory, without
+stalling the host), so every rank draws the same numbers: exact under ``torch.distributed`` in
+parameter mode. Shared parameters (or the representation) receive ``d``; task-specific
+parameters their own task's gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from manytask import registry
+from manytask.balance.aggregation.pcgrad import seeded_generator
+from manytask.balance.base import JacobianAggregator
+from manytask.errors import ConfigError
+
+
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Move a freshly drawn CPU tensor to ``device`` without stalling the host: a plain copy
+    from pageable memory waits for the CUDA stream, a copy from pinned memory does not."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor) -> Tensor:
+    """GradDrop's direction for ``(T, P)`` gradients, ``(P,)`` uniform draws and ``(T,)`` leaks."""
+    total = jacobian.sum(dim=0)
+    magnitude = jacobian.abs().sum(dim=0)
+    nonzero = magnitude > 0
+    ratio = total / torch.where(nonzero, magnitude, torch.ones_like(magnitude))
+    purity = torch.where(nonzero, 0.5 * (1.0 + ratio), torch.full_like(ratio, 0.5))
+    keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
+    leak = leak.to(jacobian)[:, None]
+    factor = leak + (1.0 - leak) * keep.to(jacobian.dtype)
+    return (factor * jacobian).sum(dim=0)
+
+
+@registry.register(
+    "balancer",
+    "graddrop",
+    "gradient sign dropout: keep one random sign per coordinate "
+    "(Chen et al., NeurIPS 2020, arXiv:2010.06808)",
+)
+class GradDrop(JacobianAggregator):
+    """GradDrop on the rows of ``J``.
+
+    Args:
+        tasks: task names.
+        leak: fraction of each task's gradient that always passes, in [0, 1]: one value for
+            every task, or one per task in task order.
+        seed: seed of the uniform draws (None: from the global torch RNG).
+    """
+
+    # the draws depend on the coordinates only, the mask on signs and the purity ratio
+    permutation_invariant = True
+    homogeneous = True
+
+    def __init__(
+        self, tasks: Sequence[str], leak: float | list[float] = 0.0, seed: int | None = None
+    ) -> None:
+        super().__init__(tasks)
+        leaks = [float(leak)] * self.num_tasks if isinstance(leak, (int, float)) else list(leak)
+        if len(leaks) != self.num_tasks:
+            raise ConfigError(
+                f"graddrop: leak needs one value or one per task ({self.num_tasks}), "
+                f"got {len(leaks)}"
+            )
+        if any(not 0.0 <= value <= 1.0 for value in leaks):
+            raise ConfigError(f"graddrop: every leak must be in [0, 1], got {leaks}")
+        self.leak = tuple(float(value) for value in leaks)
+        self.generator = seeded_generator(seed)
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
+        uniform = torch.rand(jacobian.shape[1], generator=self.generator, dtype=jacobian.dtype)
+        leak = torch.tensor(self.leak, dtype=jacobian.dtype)
+        device = jacobian.device
+        return graddrop_direction(
+            jacobian, host_to_device(uniform, device), host_to_device(leak, device)
+        )
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"])
