@@ -22,6 +22,9 @@ METHODS = [
     ("mgda", {}),  # Gramian-based, parameter mode: J is averaged over ranks
     ("pcgrad", {}),  # Gramian-based with a random order
     ("mgda", {"mode": "features"}),  # feature mode: the per-sample Gramian is summed over ranks
+    ("trimmed_mean", {}),  # Jacobian aggregator: coordinate-wise on the averaged J
+    ("graddrop", {}),  # Jacobian aggregator with random draws shared by the ranks
+    ("gradvac", {}),  # Gramian-based with state (EMA targets)
 ]
 TASKS = ["a", "b", "c"]
 STEPS = 3
