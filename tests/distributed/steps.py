@@ -25,6 +25,11 @@ METHODS = [
     ("trimmed_mean", {}),  # Jacobian aggregator: coordinate-wise on the averaged J
     ("graddrop", {}),  # Jacobian aggregator with random draws shared by the ranks
     ("gradvac", {}),  # Gramian-based with state (EMA targets)
+    ("uw", {"loss_transform": "log"}),  # the log transform, exact through the union values
+    ("mgda", {"loss_transform": "log"}),
+    ("famo", {}),  # loss-based with its own update of logits
+    ("stch", {}),  # loss-based with a warm-up on epoch statistics
+    ("igb_v2", {}),  # loss-based with a reinforcement-learning agent and random draws
 ]
 TASKS = ["a", "b", "c"]
 STEPS = 3

@@ -145,8 +145,16 @@ class Balancer(nn.Module, abc.ABC):
         self.loss_transform = loss_transform
         return self
 
-    def loss_list(self, losses: Mapping[str, Tensor]) -> list[Tensor]:
-        """The losses in task order, checked, with the loss transform applied."""
+    def prepare(self, losses: Mapping[str, Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Check the losses; return them in task order, and their values for the method.
+
+        The values are detached float32 losses averaged over ranks (the union batch's
+        losses). With ``loss_transform="log"`` the method sees ``log L̄ᵢ``, and each loss
+        becomes ``log L̄ᵢ + (Lᵢ − L̄ᵢ) / L̄ᵢ`` with ``L̄ᵢ`` detached: in one process its value and
+        gradient are those of ``log Lᵢ``; under ``torch.distributed`` the ranks' values and
+        gradients average to exactly the union batch's ``log L̄ᵢ`` and ``∇ log L̄ᵢ`` (a plain
+        ``log Lᵢ,r`` on each rank would not).
+        """
         missing = [t for t in self.tasks if t not in losses]
         extra = [t for t in losses if t not in self.tasks]
         if missing or extra:
@@ -154,7 +162,7 @@ class Balancer(nn.Module, abc.ABC):
                 f"{type(self).__name__} was built for tasks {list(self.tasks)}; "
                 f"losses are missing {missing} and have unexpected {extra}"
             )
-        values = []
+        items = []
         for name in self.tasks:
             loss = losses[name]
             if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -168,19 +176,18 @@ class Balancer(nn.Module, abc.ABC):
                     f"the loss of task '{name}' does not require grad: it was computed under "
                     "torch.no_grad() or from detached outputs, so backward() cannot train on it"
                 )
-            loss = loss.reshape(())
-            values.append(torch.log(loss) if self.loss_transform == "log" else loss)
-        return values
-
-    def stack_losses(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """The losses as a ``(T,)`` tensor in task order (with graph)."""
-        return torch.stack(self.loss_list(losses))
-
-    @staticmethod
-    def loss_values(losses: Sequence[Tensor]) -> Tensor:
-        """Detached float32 loss values, averaged over ranks (the union batch's losses)."""
-        values = torch.stack([loss.detach().float() for loss in losses])
-        return distributed.all_reduce_mean_(values)
+            items.append(loss.reshape(()))
+        values = torch.stack([loss.detach().float() for loss in items])
+        distributed.all_reduce_mean_(values)
+        if self.loss_transform == "log":
+            logs = torch.log(values)
+            items = [
+                logs[i].to(loss.dtype)
+                + (loss - values[i].to(loss.dtype)) / values[i].to(loss.dtype)
+                for i, loss in enumerate(items)
+            ]
+            values = logs
+        return items, values
 
     @abc.abstractmethod
     def backward(
@@ -231,9 +238,9 @@ class LossWeighting(Balancer):
         features: Tensor | Sequence[Tensor] | None = None,
         scaler: Any = None,
     ) -> BalanceStep:
-        items = self.loss_list(losses)
+        items, values = self.prepare(losses)
         stacked = torch.stack(items)
-        weights = self.weights(self.loss_values(items))
+        weights = self.weights(values)
         total = (weights.to(stacked.dtype) * stacked).sum()
         reg = self.regularizer()
         if reg is not None:
@@ -296,12 +303,11 @@ class _GradientMethod(Balancer):
         features: Tensor | Sequence[Tensor] | None = None,
         scaler: Any = None,
     ) -> BalanceStep:
-        items = self.loss_list(losses)
+        items, values = self.prepare(losses)  # a collective: before any hook runs
         scale = _scale_of(scaler, items[0].device)
         early = self._preempt(items, scale)
         if early is not None:
             return early
-        values = self.loss_values(items)  # a collective: before any hook runs
         record: list[BalanceStep] = []
 
         def combine(jacobian: Tensor) -> Tensor:

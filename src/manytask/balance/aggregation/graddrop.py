@@ -46,17 +46,9 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.aggregation.pcgrad import seeded_generator
 from manytask.balance.base import JacobianAggregator
+from manytask.balance.randomness import host_to_device, seeded_generator
 from manytask.errors import ConfigError
-
-
-def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """Move a freshly drawn CPU tensor to ``device`` without stalling the host: a plain copy
-    from pageable memory waits for the CUDA stream, a copy from pinned memory does not."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor) -> Tensor:

@@ -53,9 +53,8 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.aggregation.graddrop import host_to_device
-from manytask.balance.aggregation.pcgrad import seeded_generator
 from manytask.balance.base import GramianWeighting
+from manytask.balance.randomness import host_to_device, seeded_generator
 from manytask.errors import ConfigError
 
 

@@ -30,15 +30,7 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-
-
-def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded by ``seed`` or, when None, by the global torch RNG."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    return generator
+from manytask.balance.randomness import host_to_device, seeded_generator
 
 
 def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
@@ -78,7 +70,9 @@ class PCGrad(GramianWeighting):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = self.num_tasks
-        orders = torch.rand(t, t, generator=self.generator).argsort(dim=1).to(gramian.device)
+        orders = host_to_device(
+            torch.rand(t, t, generator=self.generator).argsort(dim=1), gramian.device
+        )
         return pcgrad_weights(gramian, orders)
 
     def get_extra_state(self) -> Any:

@@ -83,6 +83,7 @@ from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import LossWeighting
+from manytask.balance.randomness import host_to_device, seeded_generator
 from manytask.errors import ConfigError
 
 _FLOOR = torch.finfo(torch.float32).tiny
@@ -289,9 +290,7 @@ class ImprovableGapBalancingV2(_IGBBase):
         for name, value, ok, valid in checks:
             if not ok:
                 raise ConfigError(f"igb_v2: {name} must be {valid}, got {value}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif seed < 0:
+        if seed is not None and seed < 0:
             raise ConfigError(f"igb_v2: seed must be ≥ 0, got {seed}")
         self.sac_lr = float(sac_lr)
         self.buffer_size = int(buffer_size)
@@ -303,8 +302,7 @@ class ImprovableGapBalancingV2(_IGBBase):
         self.tau = float(tau)
         self.reward_scale = float(reward_scale)
         k = self.num_tasks
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self.generator = seeded_generator(seed)
         init_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
@@ -332,14 +330,9 @@ class ImprovableGapBalancingV2(_IGBBase):
         return self._agent
 
     # random numbers: drawn on the CPU from the balancer's generator -------------------------
-    def _device_tensor(self, tensor: Tensor, device: torch.device) -> Tensor:
-        if device.type == "cuda":  # pinned memory: the copy does not block the host
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor.to(device)
-
     def _noise(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         noise = torch.randn(shape, generator=self.generator, dtype=self.replay_state.dtype)
-        return self._device_tensor(noise, device)
+        return host_to_device(noise, device)
 
     # replay buffer ------------------------------------------------------------------------
     def _add(self, state: Tensor, action: Tensor, reward: Tensor, next_state: Tensor) -> None:
@@ -354,7 +347,7 @@ class ImprovableGapBalancingV2(_IGBBase):
     def _sample(self, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         device = self.replay_state.device
         index = torch.randint(0, self._size, (count,), generator=self.generator)
-        index = self._device_tensor(index, device)
+        index = host_to_device(index, device)
         return (
             self.replay_state[index],
             self.replay_action[index],

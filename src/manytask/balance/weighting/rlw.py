@@ -27,6 +27,7 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import LossWeighting
+from manytask.balance.randomness import host_to_device, seeded_generator
 from manytask.errors import ConfigError
 
 
@@ -48,16 +49,13 @@ class RandomLossWeighting(LossWeighting):
 
     def __init__(self, tasks: Sequence[str], seed: int | None = None) -> None:
         super().__init__(tasks)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif seed < 0:
+        if seed is not None and seed < 0:
             raise ConfigError(f"rlw: seed must be ≥ 0, got {seed}")
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self.generator = seeded_generator(seed)
 
     def weights(self, losses: Tensor) -> Tensor:
         z = torch.randn(self.num_tasks, generator=self.generator)
-        return torch.softmax(z, dim=0).to(device=losses.device, dtype=losses.dtype)
+        return host_to_device(torch.softmax(z, dim=0), losses.device).to(losses.dtype)
 
     def get_extra_state(self) -> Any:
         return {"generator": self.generator.get_state()}
