@@ -92,7 +92,9 @@ class Bench:
 
     def forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         z = self.encoder(self.x)
-        losses = [((head(z).squeeze(-1) - self.y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)]
+        losses = [
+            ((head(z).squeeze(-1) - self.y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)
+        ]
         return z, losses
 
 
@@ -134,10 +136,15 @@ def _stub_torchvision() -> None:
         return
     except Exception:  # noqa: BLE001
         pass
-    tv, models, utils = (types.ModuleType(n) for n in ("torchvision", "torchvision.models", "torchvision.models.utils"))
+    tv, models, utils = (
+        types.ModuleType(n)
+        for n in ("torchvision", "torchvision.models", "torchvision.models.utils")
+    )
     utils.load_state_dict_from_url = lambda *a, **k: None  # type: ignore[attr-defined]
     tv.models, models.utils = models, utils  # type: ignore[attr-defined]
-    sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.utils": utils})
+    sys.modules.update(
+        {"torchvision": tv, "torchvision.models": models, "torchvision.models.utils": utils}
+    )
 
 
 def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
@@ -170,7 +177,10 @@ def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
 
     harness = Harness()
     harness.init_param()
-    optimizer = torch.optim.SGD([*bench.params, *[p for n, p in harness.named_parameters() if not n.startswith("encoder")]], lr=1e-3)
+    optimizer = torch.optim.SGD(
+        [*bench.params, *[p for n, p in harness.named_parameters() if not n.startswith("encoder")]],
+        lr=1e-3,
+    )
 
     def step() -> None:
         _, losses = bench.forward()
@@ -236,7 +246,12 @@ def nash_weight_timing(tasks: int, repeats: int = 20) -> dict[str, float] | None
         diffs.append(float((d_ours - d_ref).abs().max() / d_ref.abs().max().clamp_min(1e-12)))
     ours_ms = 1000 * statistics.median(ours_t)
     ref_ms = 1000 * statistics.median(ref_t)
-    return {"ours_ms": ours_ms, "cvxpy_ms": ref_ms, "speedup": ref_ms / ours_ms, "max_rel_diff": max(diffs)}
+    return {
+        "ours_ms": ours_ms,
+        "cvxpy_ms": ref_ms,
+        "speedup": ref_ms / ours_ms,
+        "max_rel_diff": max(diffs),
+    }
 
 
 def main() -> None:
@@ -245,7 +260,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="2,10,40")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "balance_speed.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "balance_speed.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     names = registry.names("balancer") if args.methods == "all" else args.methods.split(",")
@@ -260,7 +277,9 @@ def main() -> None:
             row: dict[str, Any] = {"method": name, "tasks": k, "ew_ms": ew}
             row["ours_ms"] = timed(manytask_step(name, k, "parameters"), args.warmup, args.steps)
             if gradient:
-                row["ours_features_ms"] = timed(manytask_step(name, k, "features"), args.warmup, args.steps)
+                row["ours_features_ms"] = timed(
+                    manytask_step(name, k, "features"), args.warmup, args.steps
+                )
             lib = libmtl_step(name, k)
             row["libmtl_ms"] = timed(lib, args.warmup, args.steps) if lib else None
             jd = torchjd_step(name, k)
@@ -276,7 +295,9 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows, "nash_mtl_weights": nash}, indent=1))
+    args.out.write_text(
+        json.dumps({"machine": machine, "rows": rows, "nash_mtl_weights": nash}, indent=1)
+    )
     print(markdown(rows, nash))
 
 
@@ -297,10 +318,16 @@ def markdown(rows: list[dict[str, Any]], nash: dict[int, Any]) -> str:
             f"| {r['method']} | {r['tasks']} | {_fmt(r['ours_ms'])} | {_fmt(feat)} | {_fmt(r.get('libmtl_ms'))} | "
             f"{_fmt(r.get('torchjd_ms'))} | {_fmt(lib_ratio)} | {_fmt(feat_ratio)} |"
         )
-    lines += ["", "| Nash-MTL weights, k | manytask ms | cvxpy reference ms | speed-up | max relative difference |", "|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| Nash-MTL weights, k | manytask ms | cvxpy reference ms | speed-up | max relative difference |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for k, v in nash.items():
         if v:
-            lines.append(f"| {k} | {v['ours_ms']:.2f} | {v['cvxpy_ms']:.2f} | {v['speedup']:.1f}× | {v['max_rel_diff']:.1e} |")
+            lines.append(
+                f"| {k} | {v['ours_ms']:.2f} | {v['cvxpy_ms']:.2f} | {v['speedup']:.1f}× | {v['max_rel_diff']:.1e} |"
+            )
     return "\n".join(lines)
 
 

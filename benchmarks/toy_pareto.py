@@ -141,12 +141,31 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50_000)
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--tol", type=float, default=1e-3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_pareto.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_pareto.json"
+    )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "toy_pareto.png")
+    parser.add_argument(
+        "--merge", action="store_true", help="add to the results already in --out (same settings)"
+    )
     args = parser.parse_args()
     names = registry.names("balancer") if args.methods == "all" else args.methods.split(",")
     record = max(args.iters // 200, 1)
+    meta = {
+        "iters": args.iters,
+        "scale": args.scale,
+        "tol": args.tol,
+        "inits": INITS,
+        "shift": SHIFT,
+    }
     results: dict = {}
+    if args.merge and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        if previous["meta"] != json.loads(json.dumps(meta)):
+            raise SystemExit(
+                f"--merge: {args.out} was made with other settings: {previous['meta']}"
+            )
+        results = previous["results"]
     print(f"{'method':<14} {'on front':>8} {'mean final loss':>16} {'ms/step':>8}")
     for name in names:
         runs = [run(name, start, args.iters, args.scale, record) for start in INITS]
@@ -156,9 +175,12 @@ def main() -> None:
         mean_loss = sum(sum(r["losses"]) for r in runs) / len(runs)
         ms = sum(r["ms_per_step"] for r in runs) / len(runs)
         results[name] = {"runs": runs, "on_front": int(flags.sum()), "ms_per_step": ms}
-        print(f"{name:<14} {int(flags.sum()):>6}/{len(INITS)} {mean_loss:>16.4f} {ms:>8.3f}", flush=True)
+        print(
+            f"{name:<14} {int(flags.sum()):>6}/{len(INITS)} {mean_loss:>16.4f} {ms:>8.3f}",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"iters": args.iters, "scale": args.scale, "tol": args.tol, "inits": INITS, "shift": SHIFT}
+    results = dict(sorted(results.items()))
     args.out.write_text(json.dumps({"meta": meta, "results": results}))
     plot(results, args.scale, args.plot)
     print(f"wrote {args.out} and {args.plot}")
