@@ -134,7 +134,7 @@ def _stub_torchvision() -> None:
     try:
         importlib.import_module("torchvision")
         return
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     tv, models, utils = (
         types.ModuleType(n)
@@ -202,7 +202,7 @@ def torchjd_step(name: str, tasks: int) -> Callable[[], None] | None:
     cls = getattr(aggregation, TORCHJD[name])
     try:
         aggregator = cls(torch.ones(tasks)) if name == "constant" else cls()
-    except Exception:  # noqa: BLE001 - e.g. an optional dependency is missing
+    except Exception:
         return None
     bench = Bench(tasks)
     optimizer = torch.optim.SGD(bench.params, lr=1e-3)
@@ -225,7 +225,7 @@ def nash_weight_timing(tasks: int, repeats: int = 20) -> dict[str, float] | None
     try:
         aggregation = importlib.import_module("torchjd.aggregation")
         reference = aggregation.NashMTL(n_tasks=tasks, update_weights_every=1)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     balancer = mt.balance.get("nash_mtl", [f"t{i}" for i in range(tasks)])
     assert isinstance(balancer, GramianWeighting)
