@@ -42,7 +42,7 @@ def _stub_torchvision() -> None:
     try:
         importlib.import_module("torchvision")
         return
-    except Exception:  # noqa: BLE001 - absent or broken: either way, stub it
+    except Exception:  # absent or broken: either way, stub it
         pass
     tv = types.ModuleType("torchvision")
     models = types.ModuleType("torchvision.models")
