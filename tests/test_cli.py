@@ -92,3 +92,12 @@ def test_list_shows_every_registered_kind():
         "auroc",
     ):
         assert name in result.stdout
+
+
+def test_compare_refuses_a_method_it_cannot_build_before_training(tmp_path: Path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "run": {"dir": str(tmp_path / "runs")}}))
+    code = main(["compare", str(path), "--methods", "ew,constant", "--seeds", "1", "--quiet"])
+    assert code == 2
+    assert "weights" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "cmp-compare" / "single-task").exists()  # nothing trained

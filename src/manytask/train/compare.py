@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from manytask import atomic, registry
+from manytask import atomic, balance, registry
 from manytask.config import ComponentConfig, Config, TaskConfig
 from manytask.errors import ConfigError, RunExistsError
 from manytask.evaluate.leaderboard import BASELINE, Leaderboard, build_leaderboard
@@ -64,7 +64,7 @@ def compare(
     if not methods:
         raise ConfigError("compare needs at least one method (e.g. --methods ew,uw,dwa,rlw)")
     for method in methods:
-        registry.get("balancer", method)  # unknown names fail before any training
+        registry.get("balancer", method)  # unknown names fail before any data is read
     seed_list = [config.seed + i for i in range(seeds)] if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ConfigError("compare needs at least one seed")
@@ -81,6 +81,9 @@ def compare(
 
     bundle = load_dataset(config.data)
     tasks = select_tasks(bundle.tasks, config.tasks)
+    for method in methods:  # a method that cannot be built fails now, not after hours of runs
+        spec = _balancer_spec(config, method)
+        balance.get(spec.name, tasks.names, **spec.params)
     overrides = config.tasks or {name: TaskConfig() for name in tasks.names}
     kwargs = {"bundle": bundle, "progress": progress}
 
