@@ -1,0 +1,100 @@
+r"""ConFIG: the direction with equal positive projections on every unit gradient.
+
+Liu, Chu and Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+Networks", ICLR 2025, arXiv:2408.11104, Equation 2. With the unit gradients
+:math:`u_i = g_i/\|g_i\|` stacked in :math:`U`,
+
+.. math::
+
+    g_v = U^{+}\mathbf 1, \qquad \hat g_v = g_v / \|g_v\|, \qquad
+    d = \Big(\sum_i g_i^\top \hat g_v\Big)\, \hat g_v ,
+
+so that :math:`u_i^\top g_v = 1` for every task when the gradients are linearly independent.
+Through the Gramian: with :math:`n_i = \|g_i\|` and the cosine matrix :math:`C = UU^\top =
+N^{-1}GN^{-1}`, :math:`U^+ = U^\top C^+`, hence :math:`g_v = J^\top\beta` with
+:math:`\beta = N^{-1}C^{+}\mathbf 1` and
+
+.. math::
+
+    w = \frac{\mathbf 1^\top G\beta}{\beta^\top G\beta}\,\beta, \qquad d = J^\top w .
+
+A zero gradient has a zero unit vector (as the authors' ``nan_to_num``) and gets weight zero.
+Where :math:`g_v` vanishes (:math:`\|g_v\|^2 = \mathbf 1^\top C^+\mathbf 1 \le 10^{-12}`, a
+scale-free quantity; e.g. two opposite gradients) the weights are zero, as the authors'
+normalisation of a zero vector gives; below that its direction would be rounding noise.
+
+Defaults: equal preferences (the authors' ``EqualWeight``) and the projection length (their
+``ProjectionLength``), the defaults of ``ConFIG_update`` (github.com/tum-pbs/ConFIG,
+``conflictfree/grad_operator.py``); the authors' closed form for two tasks gives the same
+direction. The pseudo-inverse comes from the Jacobi eigen-decomposition of
+:mod:`manytask.balance.solvers.eigh` (no host synchronisation); eigenvalues of ``C`` at or
+below ``T·1.2e-7·λ_max`` count as zero (the authors use ``torch.linalg.lstsq`` on ``U``, whose
+cut-off is at float precision; the two agree wherever ``U`` is not nearly rank-deficient).
+
+Deviations: the momentum variant (M-ConFIG) and the other weight and length models of the
+authors' package are not provided.
+
+Properties: homogeneous and independent of the task order. ``Jd > 0`` holds when the gradients
+are linearly independent; with more tasks than dimensions :math:`U^+\mathbf 1` is a
+least-squares solution that can conflict, so the class does not claim ``non_conflicting``.
+
+Shared parameters receive ``d``; task-specific parameters their own task's gradient. Exact under
+``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from manytask import registry
+from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.eigh import psd_pseudo_inverse
+
+#: eigenvalues at or below ``T · RANK_EPS · λ_max`` are treated as zero
+RANK_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def config_weights(gramian: Tensor) -> Tensor:
+    """ConFIG's weights on the raw gradients (float64)."""
+    g = gramian.double()
+    t = g.shape[0]
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    live = norms > 1e-12 * norms.max().clamp_min(0.0)
+    inverse_norms = torch.where(live, 1.0 / torch.where(live, norms, torch.ones_like(norms)), 0.0)
+    cosines = g * inverse_norms[:, None] * inverse_norms[None, :]
+    ones = torch.ones(t, dtype=g.dtype, device=g.device)
+    unit_weights = psd_pseudo_inverse(cosines, rtol=t * RANK_EPS) @ ones  # g_v = Uᵀ(C⁺1)
+    squared = unit_weights @ cosines @ unit_weights  # ‖g_v‖² = 1ᵀC⁺1, free of the scale of J
+    beta = inverse_norms * unit_weights  # g_v = Jᵀβ
+    length = ones @ g @ beta  # Σᵢ gᵢᵀ g_v
+    # g_v = 0 exactly when 1 is orthogonal to the range of C (e.g. two opposite gradients);
+    # rounding then leaves ‖g_v‖² near 1e-32 rather than 0, and its direction is noise
+    defined = squared > 1e-12
+    return torch.where(defined, beta * (length / torch.where(defined, squared, 1.0)), 0.0)
+
+
+@registry.register(
+    "balancer",
+    "config",
+    "conflict-free direction with equal projections on unit gradients (Liu et al., ICLR 2025, "
+    "arXiv:2408.11104)",
+)
+class ConFIG(GramianWeighting):
+    """ConFIG weights from the Gramian.
+
+    Args:
+        tasks: task names.
+    """
+
+    permutation_invariant = True
+    non_conflicting = False
+    homogeneous = True
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return config_weights(gramian).to(gramian.dtype)

@@ -1,0 +1,155 @@
+r"""IMTL: impartial multi-task learning — equal projections (IMTL-G), learned loss scales (IMTL).
+
+Liu, Li, Kuang, Xue, Chen, Yang, Liao and Zhang, "Towards Impartial Multi-task Learning",
+ICLR 2021 (openreview.net/forum?id=IMPnRXEWpvr; no arXiv version).
+
+**IMTL-G** (``imtl_g``, Section 3): the direction :math:`d = \sum_i \alpha_i g_i` with
+:math:`\sum_i \alpha_i = 1` whose projections on every unit gradient :math:`u_i = g_i/\|g_i\|`
+are equal. The paper's closed form, with :math:`D = [g_1 - g_i]_{i \ge 2}` and
+:math:`U = [u_1 - u_i]_{i \ge 2}`, is :math:`\alpha_{2:T} = g_1 U^\top (D U^\top)^{-1}`,
+:math:`\alpha_1 = 1 - \sum_{i\ge2}\alpha_i`. Equal projections mean :math:`(G\alpha)_i = \lambda
+\|g_i\|`, so, with :math:`n_i = \sqrt{G_{ii}}`,
+
+.. math::
+
+    \alpha = \frac{G^{+} n}{\mathbf 1^\top G^{+} n} ,
+
+the same weights when the gradients are linearly independent (the paper's assumption), and
+defined otherwise through the pseudo-inverse (the generalisation of Quinton and Rey,
+arXiv:2406.16232, also torchjd's ``IMTLG``). The pseudo-inverse comes from the Jacobi
+eigen-decomposition of :mod:`manytask.balance.solvers.eigh` (no host synchronisation) applied
+to ``G`` divided by its mean diagonal; eigenvalues at or below ``T·1.2e-7·λ_max`` count as zero
+(the float32 rank tolerance of the Aligned-MTL authors' code, suited to the float32 Gramians the
+engine forms). Where :math:`|\mathbf 1^\top G^+ n| \le 10^{-8}` (in units of the mean squared
+gradient norm; e.g. every gradient zero, or two opposite gradients, where it vanishes exactly)
+the weights are zero, as torchjd does below ``1e-12``; the direction would otherwise be rounding
+noise divided by a vanishing number.
+
+**IMTL** (``imtl``, Section 3, the hybrid of IMTL-L and IMTL-G of the paper's experiments):
+each loss is scaled, :math:`\tilde L_i = e^{s_i} L_i - s_i`, with a learnable :math:`s_i`
+(initialised to 0); the shared part follows IMTL-G on the scaled gradients
+:math:`e^{s_i} g_i`, i.e. task weights :math:`w_i = e^{s_i}\tilde\alpha_i` with
+:math:`\tilde\alpha = \text{IMTL-G}(SGS)` and :math:`S = \operatorname{diag}(e^{s})`; the
+scales descend their own scaled losses, :math:`\partial\tilde L_i/\partial s_i =
+e^{s_i}L_i - 1` (at the optimum :math:`e^{s_i} = 1/L_i`). The scales are ``nn.Parameter``\ s
+(``log_scale``) that the optimizer must receive (``balancer.parameters()``); the engine hands
+:meth:`weights` detached loss values, so :meth:`IMTL.weights` writes that gradient into
+``log_scale.grad`` itself (accumulating, as ``backward`` would), which is exact because it
+depends on the loss values only.
+
+Defaults: no parameter besides the scales' initial value 0 (the paper; LibMTL's
+``loss_scale`` starts at 0 too).
+
+Deviations:
+
+- IMTL: the paper (and LibMTL) give the task-specific parameters the gradient of the *scaled*
+  loss, :math:`e^{s_i}\nabla L_i`; a ``GramianWeighting`` cannot change what the heads receive
+  (the engine collects their plain :math:`\nabla L_i` during the per-task backward passes), so
+  here they receive :math:`\nabla L_i`. An optimizer with per-parameter normalisation (Adam)
+  hardly sees the difference; SGD sees the heads' learning rate multiplied by :math:`1/e^{s_i}`.
+  Exactness would need the base class to let a method transform the losses before the
+  per-task backward passes;
+- IMTL: between weight updates (``update_every > 1``) the scales receive no gradient;
+- the paper computes IMTL-G on the shared representation's gradients for speed; that is
+  manytask's ``mode="features"`` (parameter mode is the default).
+
+Properties: IMTL-G is homogeneous and independent of the task order; IMTL is homogeneous for
+given scales, and depends on which task holds which scale. Neither is non-conflicting: the
+common projection :math:`1/(\mathbf 1^\top G^+ n)` is negative for some (rare) configurations of
+linearly independent gradients, and then ``d`` conflicts with every task.
+
+Shared parameters receive ``d``; task-specific parameters their own task's gradient. Exact under
+``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from manytask import registry
+from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.eigh import psd_pseudo_inverse
+
+#: eigenvalues at or below ``T · RANK_EPS · λ_max`` are treated as zero
+RANK_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def imtl_g_weights(gramian: Tensor) -> Tensor:
+    """IMTL-G's ``α = G⁺n / 1ᵀG⁺n`` (float64), or zeros where ``1ᵀG⁺n`` vanishes."""
+    g = gramian.double()
+    t = g.shape[0]
+    scale = g.diagonal().sum() / t
+    g = g / torch.where(scale > 0, scale, torch.ones_like(scale))
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    v = psd_pseudo_inverse(g, rtol=t * RANK_EPS) @ norms
+    total = v.sum()
+    # 1ᵀG⁺n vanishes exactly for, e.g., two opposite gradients, where rounding leaves ~1e-17
+    # (in these units, mean diagonal 1) and v/1ᵀv would be noise: treat |1ᵀG⁺n| ≤ 1e-8 as 0
+    defined = total.abs() > 1e-8
+    return torch.where(defined, v / torch.where(defined, total, torch.ones_like(total)), 0.0)
+
+
+@registry.register(
+    "balancer",
+    "imtl_g",
+    "IMTL-G: equal projections on every unit gradient (Liu et al., ICLR 2021, "
+    "openreview IMPnRXEWpvr)",
+)
+class IMTLG(GramianWeighting):
+    """IMTL-G weights from the Gramian.
+
+    Args:
+        tasks: task names.
+    """
+
+    permutation_invariant = True
+    non_conflicting = False
+    homogeneous = True
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return imtl_g_weights(gramian).to(gramian.dtype)
+
+
+@registry.register(
+    "balancer",
+    "imtl",
+    "IMTL: learned loss scales plus IMTL-G on the scaled gradients (Liu et al., ICLR 2021, "
+    "openreview IMPnRXEWpvr)",
+)
+class IMTL(GramianWeighting):
+    """The hybrid IMTL (IMTL-L scales + IMTL-G) as a Gramian weighting.
+
+    Args:
+        tasks: task names.
+
+    The learnable log-scales ``log_scale`` must be given to the optimizer.
+    """
+
+    permutation_invariant = False
+    non_conflicting = False
+    homogeneous = True
+
+    log_scale: nn.Parameter
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.log_scale = nn.Parameter(torch.zeros(self.num_tasks))
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        s = self.log_scale.detach()
+        scales = torch.exp(s).to(device=gramian.device, dtype=torch.float64)
+        scaled = gramian.double() * scales[:, None] * scales[None, :]
+        weights = scales * imtl_g_weights(scaled)
+        # ∂(e^s L − s)/∂s, accumulated like a backward pass would
+        grad = torch.exp(s) * losses.to(device=s.device, dtype=s.dtype) - 1.0
+        if self.log_scale.grad is None:
+            self.log_scale.grad = grad
+        else:
+            self.log_scale.grad = self.log_scale.grad + grad
+        return weights.to(gramian.dtype)

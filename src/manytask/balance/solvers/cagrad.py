@@ -1,0 +1,158 @@
+r"""CAGrad's dual problem, solved by a barrier method in torch.
+
+Liu et al. (NeurIPS 2021, arXiv:2110.14048, Section 3) reduce CAGrad to
+
+.. math::
+
+    \min_{w \in \Delta_T} \; a^\top w + r \sqrt{w^\top G w}, \qquad a = G\mathbf 1 / T,
+    \quad r = c\,\|g_0\|,
+
+a second-order cone program once written with an epigraph variable :math:`s \ge \|J^\top w\|`.
+:func:`cagrad_dual` follows the central path of the self-concordant barrier
+
+.. math::
+
+    \tau\,(a^\top w + r s) - \sum_i \log w_i - \log\big(s^2 - w^\top G w\big),
+    \qquad \mathbf 1^\top w = 1,
+
+(Boyd and Vandenberghe, *Convex Optimization*, §11.3 and §11.6) with Newton steps in the
+tangent space of the simplex, each with a line search over the candidate lengths
+:math:`2^{-k}` evaluated together (the longest one that stays strictly feasible and decreases
+the barrier objective is taken). A fixed number of Newton steps replaces the stopping test;
+:math:`\tau` is multiplied by ``growth`` after every step taken from a well-centred point
+(Newton decrement :math:`\lambda^2 < 1/4`), up to ``final`` — so the iterates never leave the
+neighbourhood of the central path, where fixed stage lengths were seen to stall. Nothing reads
+a value back to the host. The duality gap at a centre is :math:`(T + 2)/\tau`; with the
+defaults (80 steps, ``final = 1e13`` on a Gramian scaled to unit mean diagonal) the worst-case
+improvement :math:`\min_i g_i^\top d` of the resulting direction is within ``1e-10`` of a
+400-step run on random problems with 2–20 tasks (rank-deficient, duplicate and zero gradients
+included), and never below cvxpy/Clarabel's (``tests/test_solvers_qp.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LINE_SEARCH = 30  # candidate step lengths 1, 1/2, …, 2^-29
+
+
+def _change(
+    w: Tensor,
+    s: Tensor,
+    step_w: Tensor,
+    step_s: Tensor,
+    lengths: Tensor,
+    gramian: Tensor,
+    a: Tensor,
+    r: Tensor,
+    tau: Tensor,
+) -> Tensor:
+    """Change of the barrier objective along ``(Δw, Δs)`` for every candidate length ``t``; inf
+    where the point leaves the domain.
+
+    Computed as a difference — the cone gap ``q(t) = (s + tΔs)² − (w + tΔw)ᵀG(w + tΔw)`` is
+    ``q₀`` plus a quadratic in ``t``, the logarithms go through ``log1p`` — so that decreases
+    far below the size of the objective (which grows with τ) are resolved, and only
+    matrix–vector products are needed.
+    """
+    ratio = lengths[:, None] * step_w[None, :] / w[None, :]  # (K, T)
+    g_step = gramian @ step_w
+    q0 = (s * s - w @ gramian @ w).clamp_min(torch.finfo(w.dtype).tiny)
+    dq = lengths * 2.0 * (s * step_s - w @ g_step) + lengths * lengths * (
+        step_s * step_s - step_w @ g_step
+    )
+    relative = dq / q0
+    inside = (ratio > -1).all(dim=-1) & (relative > -1) & (s + lengths * step_s > 0)
+    log_w = torch.log1p(torch.where(ratio > -1, ratio, torch.zeros_like(ratio))).sum(dim=-1)
+    log_q = torch.log1p(torch.where(relative > -1, relative, torch.zeros_like(relative)))
+    value = tau * lengths * (a @ step_w + r * step_s) - log_w - log_q
+    return torch.where(inside, value, torch.full_like(value, torch.inf))
+
+
+def cagrad_dual(
+    gramian: Tensor,
+    radius: Tensor,
+    iterations: int = 80,
+    growth: float = 10.0,
+    final: float = 1e13,
+) -> Tensor:
+    """``argmin_{w ∈ Δ} aᵀw + r·sqrt(wᵀGw)`` with ``a = G 1/T`` and ``r = radius`` (float64).
+
+    ``gramian`` should be scaled to entries of order one (the caller divides by the mean
+    diagonal); ``radius`` is a non-negative scalar tensor in the same units (``c·‖g₀‖``).
+    """
+    g = gramian.double()
+    g = 0.5 * (g + g.T)
+    t = g.shape[0]
+    device, dtype = g.device, g.dtype
+    if t == 1:
+        return torch.ones(1, dtype=dtype, device=device)
+    n = t - 1
+    a = g.sum(dim=1) / t
+    # r = 0 (plain averaging) makes the epigraph variable unbounded; a tiny floor keeps the
+    # barrier problem bounded and changes the weights by nothing measurable
+    r = radius.double().clamp_min(1e-12)
+    w = torch.full((t,), 1.0 / t, dtype=dtype, device=device)
+    s = torch.sqrt((w @ g @ w).clamp_min(0.0)) + 1.0
+    lengths = 0.5 ** torch.arange(_LINE_SEARCH, dtype=dtype, device=device)
+    tau = torch.ones((), dtype=dtype, device=device)
+    # The steps stay on {1ᵀw = 1} through an orthonormal basis N of its tangent space 1⊥
+    # (columns 2…T of the Householder reflection that maps e₁ to 1/√T): Δw = N Δy. A Gramian
+    # that is large along 1 (nearly equal gradients) then drops out of NᵀGN instead of
+    # swamping the step, and no task is singled out.
+    unit = torch.full((t,), t**-0.5, dtype=dtype, device=device)
+    v = unit - torch.eye(t, dtype=dtype, device=device)[0]
+    v = v * (2.0 / (v @ v)) ** 0.5  # the reflection is I − vvᵀ
+    basis = (torch.eye(t, dtype=dtype, device=device) - torch.outer(v, v))[:, 1:]
+    g_reduced = basis.T @ g @ basis
+    for _ in range(iterations):
+        gw = g @ w
+        q = (s * s - w @ gw).clamp_min(torch.finfo(dtype).tiny)
+        grad_w = tau * a - 1.0 / w + 2.0 * gw / q
+        grad_y = basis.T @ grad_w
+        grad_s = tau * r - 2.0 * s / q
+        gw_reduced = basis.T @ gw
+        # Nᵀ diag(d) N for the reflection N = (I − vvᵀ)[:, 1:], without a matrix product:
+        # (I − vvᵀ) D (I − vvᵀ) = D − v(Dv)ᵀ − (Dv)vᵀ + (vᵀDv) vvᵀ
+        d = 1.0 / (w * w)
+        dv = d * v
+        reflected = (
+            torch.diag(d) - torch.outer(v, dv) - torch.outer(dv, v) + (v @ dv) * torch.outer(v, v)
+        )
+        h_yy = (
+            reflected[1:, 1:]
+            + 2.0 * g_reduced / q
+            + 4.0 * torch.outer(gw_reduced, gw_reduced) / (q * q)
+        )
+        h_ys = -4.0 * s * gw_reduced / (q * q)
+        h_ss = -2.0 / q + 4.0 * s * s / (q * q)
+        hessian = torch.cat(
+            [
+                torch.cat([h_yy, h_ys[:, None]], dim=1),
+                torch.cat([h_ys, h_ss.reshape(1)])[None, :],
+            ],
+            dim=0,
+        )
+        grad = torch.cat([grad_y, grad_s.reshape(1)])
+        solved, _ = torch.linalg.solve_ex(hessian, -grad[:, None])
+        step_y, step_s = solved[:n, 0], solved[n, 0]
+        step_w = basis @ step_y
+        # a failed factorisation (the Hessian is numerically singular near the end of the
+        # path) yields non-finite steps: take none
+        finite = torch.isfinite(step_w).all() & torch.isfinite(step_s)
+        step_w = torch.where(finite, step_w, torch.zeros_like(step_w))
+        step_s = torch.where(finite, step_s, torch.zeros_like(step_s))
+        better = _change(w, s, step_w, step_s, lengths, g, a, r, tau) < 0
+        # the longest improving step; none improves only at the floor of float64
+        index = torch.argmax(better.to(torch.int64))
+        chosen = lengths.gather(0, index.reshape(1))[0]  # (a 0-dim tensor index would sync)
+        length = torch.where(better.any(), chosen, torch.zeros_like(chosen))
+        w = w + length * step_w
+        s = s + length * step_s
+        # follow the central path: raise τ only from a well-centred point (small Newton
+        # decrement), which keeps every later Newton step short and reliable
+        decrement = -(grad @ solved[:, 0])
+        centred = (decrement < 0.25) & (tau < final)
+        tau = torch.where(centred, tau * growth, tau)
+    return w

@@ -1,0 +1,122 @@
+r"""Small non-negative quadratic programs, solved by an interior-point method in torch.
+
+:func:`nonneg_qp` solves, for every column :math:`b` of ``B`` at once,
+
+.. math::
+
+    \min_{z \ge 0} \; \tfrac12 z^\top A z + b^\top z \qquad (A \succeq 0),
+
+with Mehrotra's predictor–corrector primal–dual interior-point method (Nocedal and Wright,
+*Numerical Optimization*, 2nd ed., §16.6): the KKT conditions :math:`Az + b = s`,
+:math:`z, s \ge 0`, :math:`z_i s_i = 0` are solved by Newton steps on the perturbed system
+:math:`z_i s_i = \sigma\mu`, each step reduced to the ``(T, T)`` system
+:math:`(A + Z^{-1}S)\,\Delta z = r` (``solve_ex``, no host synchronisation) and cut at 99.5% of the
+distance to the boundary; ``Δs`` is recovered from the linearised complementarity row, which
+keeps the method from stalling when ``A`` is singular (rank-deficient Gramians, duplicate
+tasks). A fixed number of iterations replaces the usual stopping test: from 20 iterations on,
+random dual-cone problems with up to 40 tasks (singular, badly scaled and all-zero Gramians
+included) satisfy the KKT conditions to ``1e-12`` relative to the mean diagonal of ``A``, and
+the directions agree with quadprog's to ``1e-8`` of the largest gradient norm where quadprog is
+itself accurate (``tests/test_solvers_qp.py``). Unlike projected-gradient methods, the
+iteration count does not grow with the condition number of ``A``.
+
+:func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
+(Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
+:math:`J^\top v` with :math:`v = \arg\min_{v \ge u} v^\top G v`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: relative regularisation of the Newton systems (keeps them positive definite when ``A`` is
+#: singular on the free variables; it changes the step, not the fixed point)
+_REGULARIZATION = 1e-12
+
+
+def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
+    """Largest ``α`` (per column) with ``x + α dx ≥ 0``; ``inf`` when ``dx ≥ 0``."""
+    ratio = torch.where(dx < 0, -x / torch.where(dx < 0, dx, -torch.ones_like(dx)), torch.inf)
+    return ratio.amin(dim=0)
+
+
+def _interior_point(a: Tensor, b: Tensor, iterations: int) -> Tensor:
+    """The Mehrotra iteration for one problem (``b``: ``(T,)``) or a batch (``(T, K)``)."""
+    single = b.dim() == 1
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    regularized = a + _REGULARIZATION * eye
+    z = torch.ones_like(b)
+    s = torch.ones_like(b)
+    for _ in range(iterations):
+        residual = a @ z + b - s  # dual residual
+        mu = (z * s).mean(dim=0)
+        if single:
+            system = regularized + torch.diag(s / z)
+
+            def solve(rhs: Tensor, system: Tensor = system) -> Tensor:
+                solution: Tensor = torch.linalg.solve_ex(system, rhs[:, None])[0]
+                return solution[:, 0]
+
+        else:
+            batch = regularized + torch.diag_embed((s / z).T)  # (K, T, T)
+
+            def solve(rhs: Tensor, system: Tensor = batch) -> Tensor:
+                solution: Tensor = torch.linalg.solve_ex(system, rhs.T.unsqueeze(-1))[0]
+                return solution.squeeze(-1).T
+
+        # predictor (affine-scaling) step
+        dz_aff = solve(-s - residual)
+        ds_aff = -s - s * dz_aff / z
+        alpha_aff = torch.minimum(_step_to_boundary(z, dz_aff), _step_to_boundary(s, ds_aff))
+        alpha_aff = alpha_aff.clamp(max=1.0)
+        mu_aff = ((z + alpha_aff * dz_aff) * (s + alpha_aff * ds_aff)).mean(dim=0)
+        sigma = (mu_aff / mu.clamp_min(torch.finfo(a.dtype).tiny)).clamp(0.0, 1.0) ** 3
+        # corrector step towards the centred point σμ
+        target = sigma * mu - z * s - dz_aff * ds_aff
+        dz = solve(target / z - residual)
+        ds = (target - s * dz) / z
+        alpha = torch.minimum(_step_to_boundary(z, dz), _step_to_boundary(s, ds))
+        alpha = (0.995 * alpha).clamp(max=1.0)
+        z = z + alpha * dz
+        s = s + alpha * ds
+    return z
+
+
+def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor:
+    """``argmin_{z ≥ 0} ½ zᵀ A z + bᵀ z`` for each column ``b`` of ``linear`` (float64).
+
+    Args:
+        quadratic: ``A``, a ``(T, T)`` positive semi-definite matrix.
+        linear: ``(T,)`` or ``(T, K)``: one problem per column.
+        iterations: interior-point iterations.
+
+    The problem must be bounded below (true for every use here). When ``A`` is singular the
+    minimiser need not be unique; the iterates approach the centre of the set of minimisers.
+    Several problems are solved as one batch on an accelerator and one after the other on the
+    CPU, where torch's batched linear algebra and matrix products of this size are slower than
+    a loop whenever the cores are busy (OpenMP threads then spin against each other).
+    """
+    a = quadratic.double()
+    a = 0.5 * (a + a.T)
+    b = linear.double()
+    t = a.shape[0]
+    # scale the problem so that the average diagonal entry of A is one (A = 0 stays 0)
+    scale = a.diagonal().sum() / t
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    a = a / scale
+    b = b / scale
+    if b.dim() == 1 or a.device.type != "cpu":
+        return _interior_point(a, b, iterations)
+    return torch.stack([_interior_point(a, b[:, k], iterations) for k in range(b.shape[1])], 1)
+
+
+def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) -> Tensor:
+    """Weights of the projections of ``Jᵀ u`` onto the dual cone ``{x : J x ≥ 0}``.
+
+    For each column ``u`` of ``anchors`` (``(T,)`` or ``(T, K)``), returns
+    ``v = argmin_{v ≥ u} vᵀ G v`` (float64), so that the projection is ``Jᵀ v``.
+    """
+    g = gramian.double()
+    u = anchors.double()
+    return u + nonneg_qp(g, g @ u, iterations)

@@ -1,0 +1,285 @@
+"""The small convex and linear-algebra solvers behind the Gramian methods, against references.
+
+- ``solvers.qp`` (non-negative QP, dual-cone projection) against quadprog through qpsolvers;
+- ``solvers.eigh`` (Jacobi eigen-decomposition, pseudo-inverse) against LAPACK;
+- ``solvers.cagrad`` (CAGrad's dual) against cvxpy/Clarabel.
+
+Every random problem family mixes full-rank, rank-deficient (more tasks than dimensions),
+duplicate, zero and badly scaled gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from manytask.balance.solvers.cagrad import cagrad_dual
+from manytask.balance.solvers.eigh import psd_pseudo_inverse, symmetric_eigh
+from manytask.balance.solvers.qp import _interior_point, dual_cone_weights, nonneg_qp
+from tests.peers import require
+
+
+def random_jacobian(gen: torch.Generator, t: int, p: int, kind: str = "plain") -> torch.Tensor:
+    """Gaussian rows with columns scaled over four orders of magnitude and an overall scale."""
+    scale = 10.0 ** float(torch.randint(-3, 4, (1,), generator=gen))
+    columns = torch.logspace(-2, 2, p, dtype=torch.float64)
+    jacobian = torch.randn(t, p, generator=gen, dtype=torch.float64) * columns * scale
+    if kind == "duplicate":
+        jacobian[1] = jacobian[0]
+    elif kind == "zero":
+        jacobian[0] = 0.0
+    return jacobian
+
+
+def problems(count: int, max_tasks: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    kinds = ["plain", "duplicate", "zero", "plain"]
+    for i in range(count):
+        t = int(torch.randint(2, max_tasks + 1, (1,), generator=gen))
+        p = int(torch.randint(1, 2 * t + 3, (1,), generator=gen))  # p < t: rank-deficient
+        yield random_jacobian(gen, t, p, kinds[i % 4])
+
+
+# --- non-negative QP and dual-cone projection ------------------------------------------------
+
+
+def kkt_residuals(gramian, anchors, v):
+    """Violations of v ≥ u, Gv ≥ 0 and (v − u)ᵀ(Gv) = 0, relative to the mean diagonal."""
+    scale = (gramian.diagonal().mean()).clamp_min(1e-300)
+    s = gramian @ v / scale
+    return (
+        float((anchors - v).clamp_min(0).max()),
+        float((-s).clamp_min(0).max()),
+        float(((v - anchors) * s).abs().max()),
+    )
+
+
+def test_nonneg_qp_hand_example():
+    # min ½zᵀAz + bᵀz, z ≥ 0 with A = [[2, 0], [0, 1]], b = (−2, 1): the first coordinate is
+    # free (2z₁ − 2 = 0 → z₁ = 1), the second is pushed to its bound (gradient 1 > 0 at 0).
+    a = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    z = nonneg_qp(a, torch.tensor([-2.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(z, torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-10)
+
+
+def test_dual_cone_projection_satisfies_kkt_on_hard_problems():
+    # 20 interior-point iterations reach the float64 floor; the default is 25
+    worst = [0.0, 0.0, 0.0]
+    for jacobian in problems(120, 40):
+        gramian = jacobian @ jacobian.T
+        t = gramian.shape[0]
+        anchors = torch.eye(t, dtype=torch.float64) / t
+        v = dual_cone_weights(gramian, anchors, iterations=20)
+        assert torch.isfinite(v).all()
+        worst = [max(a, b) for a, b in zip(worst, kkt_residuals(gramian, anchors, v), strict=True)]
+    assert worst[0] == 0.0  # v ≥ u exactly: interior iterates
+    assert worst[1] < 1e-12
+    assert worst[2] < 1e-11
+
+
+def test_dual_cone_projection_matches_quadprog():
+    """Same direction Jᵀv as quadprog's solution of ``min vᵀGv s.t. v ≥ u``.
+
+    quadprog needs a positive definite matrix, so it gets ``G/mean(diag) + 1e-13·I``; on
+    full-rank problems that changes nothing measurable and the directions agree to 1e-8 of the
+    largest gradient norm. On rank-deficient problems the comparison is by objective value
+    (quadprog's own KKT residuals there are ~1e-10, larger than ours): ours is never worse.
+    """
+    require("quadprog")
+    qpsolvers = require("qpsolvers")
+    worst_direction = 0.0
+    for jacobian in problems(80, 12, seed=1):
+        gramian = jacobian @ jacobian.T
+        t = gramian.shape[0]
+        g = (gramian / gramian.diagonal().mean().clamp_min(1e-300)).numpy()
+        full_rank = jacobian.shape[1] >= t and bool(jacobian.norm(dim=1).min() > 0)
+        anchors = torch.eye(t, dtype=torch.float64)
+        ours = dual_cone_weights(gramian, anchors)
+        for i in range(min(t, 3)):
+            ref = qpsolvers.solve_qp(
+                g + 1e-13 * np.eye(t),
+                np.zeros(t),
+                -np.eye(t),
+                -anchors[:, i].numpy(),
+                solver="quadprog",
+            )
+            if ref is None:  # quadprog refuses some singular problems
+                continue
+            ref_v = torch.from_numpy(ref)
+            if full_rank:
+                diff = (ours[:, i] - ref_v) @ jacobian
+                worst_direction = max(
+                    worst_direction, float(diff.norm() / jacobian.norm(dim=1).max())
+                )
+            else:
+                ours_obj = float(ours[:, i] @ torch.from_numpy(g) @ ours[:, i])
+                ref_obj = float(ref_v @ torch.from_numpy(g) @ ref_v)
+                assert ours_obj <= ref_obj * (1 + 1e-8) + 1e-12
+    assert worst_direction < 1e-8
+
+
+def test_nonneg_qp_batches_independent_problems():
+    # nonneg_qp loops over the columns on the CPU and batches them elsewhere: both paths agree
+    gen = torch.Generator().manual_seed(3)
+    jacobian = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    gramian = jacobian @ jacobian.T
+    linear = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    looped = nonneg_qp(gramian, linear)
+    scale = gramian.diagonal().mean()
+    batched = _interior_point(gramian / scale, linear / scale, 25)  # the accelerator path
+    for k in range(4):
+        single = nonneg_qp(gramian, linear[:, k])
+        assert torch.allclose(looped[:, k], single, atol=1e-12)
+        assert torch.allclose(batched[:, k], single, atol=1e-10)
+
+
+def test_nonneg_qp_all_zero_problem_is_finite():
+    z = nonneg_qp(torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    assert torch.isfinite(z).all()
+
+
+# --- Jacobi eigen-decomposition --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 20, 40])
+def test_jacobi_eigh_matches_lapack(n):
+    """Eigenvalues to 1e-13 of the largest and the reconstruction ``V diag(λ) Vᵀ`` to 1e-12 of
+    the largest entry, on rank-deficient Gramians whose entries span twelve orders of
+    magnitude (duplicates included) — the hardest case for Jacobi's method."""
+    gen = torch.Generator().manual_seed(n)
+    for trial in range(10):
+        k = int(torch.randint(1, n + 3, (1,), generator=gen))
+        jacobian = torch.randn(n, k, generator=gen, dtype=torch.float64)
+        jacobian = jacobian * torch.logspace(-3, 3, k, dtype=torch.float64)
+        if trial % 3 == 0 and n > 1:
+            jacobian[1] = jacobian[0]
+        gramian = jacobian @ jacobian.T
+        values, vectors = symmetric_eigh(gramian)
+        reference = torch.linalg.eigvalsh(gramian)
+        top = reference.abs().max()
+        assert (values - reference).abs().max() <= 1e-13 * top
+        rebuilt = (vectors * values) @ vectors.T
+        assert (rebuilt - gramian).abs().max() <= 1e-12 * gramian.abs().max()
+        assert torch.allclose(vectors.T @ vectors, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_psd_pseudo_inverse_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    for t, k in [(4, 6), (6, 3), (5, 5)]:
+        jacobian = torch.randn(t, k, generator=gen, dtype=torch.float64)
+        gramian = jacobian @ jacobian.T
+        ours = psd_pseudo_inverse(gramian, rtol=1e-10)
+        reference = torch.linalg.pinv(gramian, hermitian=True, rtol=1e-10)
+        assert torch.allclose(ours, reference, atol=1e-9 * float(reference.abs().max()))
+
+
+# --- CAGrad's dual ---------------------------------------------------------------------------
+
+
+def _direction(jacobian, w, radius):
+    x = w @ jacobian
+    return jacobian.mean(dim=0) + radius * x / x.norm()
+
+
+@pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
+def test_cagrad_dual_is_at_least_as_good_as_clarabel():
+    """The primal value ``min_i g_iᵀd`` of our direction is not below cvxpy/Clarabel's (asked
+    for tolerances of 1e-12), and the two directions agree to 1e-5 of the largest gradient norm.
+
+    Clarabel stops at its own accuracy (where the directions differ, by up to a few 1e-6, its
+    primal value is the lower one), so the comparison is one-sided on the value and loose on
+    the direction. When the convex hull of the gradients nearly contains zero (``‖g_w‖ <
+    1e-3``), ``d = g₀ + r g_w/‖g_w‖`` amplifies any error in ``w`` by ``1/‖g_w‖`` and only
+    the value is compared, to 1e-6.
+    """
+    cp = require("cvxpy")
+    worst = 0.0
+    for i, jacobian in enumerate(problems(40, 12, seed=2)):
+        t = jacobian.shape[0]
+        gramian = jacobian @ jacobian.T
+        scale = gramian.diagonal().mean()
+        if not scale > 0:
+            continue
+        g = gramian / scale
+        j = jacobian / scale.sqrt()
+        c = [0.1, 0.5, 0.9, 2.0][i % 4]
+        radius = c * torch.sqrt(g.sum().clamp_min(0)) / t
+        ours = cagrad_dual(g, radius)
+        values, vectors = np.linalg.eigh(g.numpy())
+        root = vectors * np.sqrt(np.clip(values, 0, None))
+        w = cp.Variable(t)
+        objective = g.numpy().sum(axis=1) / t @ w + float(radius) * cp.norm(root.T @ w, 2)
+        problem = cp.Problem(cp.Minimize(objective), [w >= 0, cp.sum(w) == 1])
+        problem.solve(cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        reference = torch.from_numpy(np.asarray(w.value))
+        hull_distance = float((reference @ g @ reference).clamp_min(0).sqrt())  # ‖g_w‖
+        if hull_distance < 1e-6:  # zero in the hull: d is not unique
+            continue
+        d_ours = _direction(j, ours, radius)
+        d_ref = _direction(j, reference, radius)
+        value_ours, value_ref = float((j @ d_ours).min()), float((j @ d_ref).min())
+        if hull_distance > 1e-3:
+            assert value_ours >= value_ref - 1e-9
+            worst = max(worst, float((d_ours - d_ref).norm() / j.norm(dim=1).max()))
+        else:  # nearly Pareto-stationary: d = g₀ + r g_w/‖g_w‖ is ill-conditioned in w
+            assert value_ours >= value_ref - 1e-6
+    assert worst < 1e-5
+
+
+def test_cagrad_dual_hand_example():
+    # Two orthogonal unit gradients: g₀ = (½, ½), ‖g₀‖ = 1/√2. By symmetry w = (½, ½), so
+    # g_w = g₀ and the dual objective is g₀ᵀg₀ + r‖g₀‖ at the symmetric point.
+    w = cagrad_dual(torch.eye(2, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
+    assert torch.allclose(w, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-9)
+    # Opposite gradients: the hull contains zero, and the minimiser of g_wᵀg₀ + r‖g_w‖ with
+    # g₀ = 0 is g_w = 0, i.e. w = (½, ½).
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    w = cagrad_dual(opposite, torch.tensor(0.0, dtype=torch.float64))
+    assert torch.isfinite(w).all()
+    assert torch.allclose(w, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6)
+
+
+def test_cagrad_dual_is_finite_on_degenerate_input():
+    for g in [torch.zeros(3, 3), torch.ones(3, 3), torch.diag(torch.tensor([1.0, 0.0, 0.0]))]:
+        for radius in [0.0, 0.5]:
+            w = cagrad_dual(g.double(), torch.tensor(radius, dtype=torch.float64))
+            assert torch.isfinite(w).all()
+            assert float(w.sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+# --- no host synchronisation ------------------------------------------------------------------
+
+GRAMIAN_METHODS = [
+    "upgrad",
+    "dualproj",
+    "cagrad",
+    "nash_mtl",
+    "fairgrad",
+    "imtl_g",
+    "imtl",
+    "aligned_mtl",
+    "krum",
+    "config",
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", GRAMIAN_METHODS)
+def test_weights_do_not_synchronise_a_cuda_device(name):
+    """Every method built on these solvers computes its weights without a device-to-host
+    synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises on one). A first call
+    warms up the cached index tensors of the Jacobi solver."""
+    import manytask as mt
+
+    balancer = mt.balance.get(name, ["a", "b", "c", "d"]).cuda()
+    jacobian = torch.randn(4, 9, device="cuda")
+    gramian, losses = jacobian @ jacobian.T, torch.rand(4, device="cuda") + 0.1
+    balancer.weights(gramian, losses)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        weights = balancer.weights(gramian, losses)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(weights).all()
