@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from manytask.balance.solvers.eigh import symmetric_eigh
+
 
 def project_simplex(v: Tensor, ranks: Tensor | None = None) -> Tensor:
     """Euclidean projection of ``v`` (last dimension) onto ``{w ≥ 0, Σ w = 1}``.
@@ -28,6 +30,13 @@ def _pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
     """``γ`` minimising ``‖γ a + (1 − γ) b‖²`` over ``[0, 1]`` given ``aᵀa, aᵀb, bᵀb``."""
     denominator = (g11 + g22 - 2.0 * g12).clamp_min(1e-20)
     return ((g22 - g12) / denominator).clamp(0.0, 1.0)
+
+
+def _largest_eigenvalue(a: Tensor) -> Tensor:
+    """λ_max of a small symmetric matrix: LAPACK on the CPU; on a GPU, where
+    ``torch.linalg.eigvalsh`` waits for the device, the Jacobi solver of :mod:`.eigh`."""
+    values = torch.linalg.eigvalsh(a) if a.device.type == "cpu" else symmetric_eigh(a)[0]
+    return values.max()
 
 
 def _polish(a: Tensor, b: Tensor, w: Tensor, tol: float) -> tuple[Tensor, Tensor]:
@@ -83,7 +92,7 @@ def simplex_qp(
     size = torch.maximum(a.abs().max(), b.abs().max()).clamp_min(1e-300)
     a, b = a / size, b / size
     ranks = torch.arange(1, t + 1, device=a.device, dtype=a.dtype)
-    step = 1.0 / torch.linalg.eigvalsh(a)[-1].clamp_min(1e-20)
+    step = 1.0 / _largest_eigenvalue(a).clamp_min(1e-20)
     w = torch.full((t,), 1.0 / t, dtype=a.dtype, device=a.device)
     y = w
     momentum = 1.0
