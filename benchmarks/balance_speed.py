@@ -109,6 +109,21 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def peer_time(
+    make: Callable[[str, int], Callable[[], None] | None],
+    name: str,
+    tasks: int,
+    warmup: int,
+    steps: int,
+) -> tuple[float | None, str | None]:
+    """A peer's median step time, or ``None`` with the error when its implementation fails."""
+    try:
+        step = make(name, tasks)
+        return (timed(step, warmup, steps), None) if step else (None, None)
+    except Exception as error:  # a peer's bug is a result to report, not a reason to stop
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
 def manytask_step(name: str, tasks: int, mode: str) -> Callable[[], None]:
     bench = Bench(tasks)
     names = [f"t{i}" for i in range(tasks)]
@@ -200,10 +215,16 @@ def torchjd_step(name: str, tasks: int) -> Callable[[], None] | None:
     except ImportError:
         return None
     cls = getattr(aggregation, TORCHJD[name])
-    try:
-        aggregator = cls(torch.ones(tasks)) if name == "constant" else cls()
-    except Exception:
-        return None
+    # the same settings as manytask's defaults, where torchjd has no default of its own
+    arguments: dict[str, Any] = {
+        "constant": {"weights": torch.ones(tasks)},
+        "cagrad": {"c": 0.5},
+        "nash_mtl": {"n_tasks": tasks},
+        "fairgrad": {"alpha": 1.0},
+        "krum": {"n_byzantine": 0},
+        "trimmed_mean": {"trim_number": 1 if tasks >= 3 else 0},
+    }
+    aggregator = cls(**arguments.get(name, {}))
     bench = Bench(tasks)
     optimizer = torch.optim.SGD(bench.params, lr=1e-3)
     shared = list(bench.encoder.parameters())
@@ -280,10 +301,10 @@ def main() -> None:
                 row["ours_features_ms"] = timed(
                     manytask_step(name, k, "features"), args.warmup, args.steps
                 )
-            lib = libmtl_step(name, k)
-            row["libmtl_ms"] = timed(lib, args.warmup, args.steps) if lib else None
-            jd = torchjd_step(name, k)
-            row["torchjd_ms"] = timed(jd, args.warmup, args.steps) if jd else None
+            for peer, make in (("libmtl", libmtl_step), ("torchjd", torchjd_step)):
+                row[f"{peer}_ms"], error = peer_time(make, name, k, args.warmup, args.steps)
+                if error:
+                    row[f"{peer}_error"] = error
             rows.append(row)
             print(json.dumps(row), flush=True)
     nash = {k: nash_weight_timing(k) for k in sizes}

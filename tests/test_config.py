@@ -51,7 +51,9 @@ def test_cli_unknown_config_key(tmp_path):
 
 def test_cli_unknown_method_name(tmp_path):
     result = run_cli("compare", str(write(tmp_path, BASE)), "--methods", "ew,zzz", cwd=tmp_path)
-    assert_short_error(result, "unknown balancer 'zzz'", "Valid choices: ", "dwa, ew,", "trimmed_mean, upgrad, uw")
+    assert_short_error(
+        result, "unknown balancer 'zzz'", "Valid choices: ", "dwa, ew,", "trimmed_mean, upgrad, uw"
+    )
 
 
 def test_cli_value_of_the_wrong_type(tmp_path):
