@@ -73,29 +73,53 @@ TORCHJD = {
     "mean": "Mean",
     "constant": "Constant",
 }
+ALIASES = ("sum", "random")
 # methods whose parameter-mode update is exact (no approximation of the paper's rule) and
 # that LibMTL also implements: the speed target compares these
 EXACT_PARAMETER_METHODS = ["mgda", "pcgrad", "gradvac", "cagrad", "graddrop", "imtl"]
 
 
 class Bench:
-    """The model, data and optimizer of one measurement, rebuilt identically for each."""
+    """The model, data and optimizer of one measurement, rebuilt identically for each.
 
-    def __init__(self, tasks: int, seed: int = 0) -> None:
+    ``mlp``: input 64 → 256 → 256 (ReLU), batch 256 — a small encoder, where the cost of a
+    method's own arithmetic shows. ``cnn``: the Multi-Fashion CNN of the demo (conv 5×5 ×16 →
+    pool → conv 5×5 ×32 → pool → linear 128) on 28×28 inputs, batch 128 — an encoder whose
+    backward pass dominates the step, as in practice. One linear regression head per task; each
+    head reads its own view of the representation, as manytask's models hand them out.
+    """
+
+    def __init__(self, tasks: int, model: str = "mlp", seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.tasks = tasks
-        self.encoder = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(256, 1) for _ in range(tasks)])
-        self.x = torch.randn(256, 64)
-        self.y = torch.randn(256, tasks)
+        if model == "mlp":
+            self.encoder: nn.Module = nn.Sequential(
+                nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()
+            )
+            self.x = torch.randn(256, 64)
+            width = 256
+        elif model == "cnn":
+            self.encoder = nn.Sequential(
+                nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(),
+            )  # fmt: skip
+            self.x = torch.randn(128, 1, 28, 28)
+            width = 128
+        else:
+            raise SystemExit(f"--model must be mlp or cnn, got {model!r}")
+        self.heads = nn.ModuleList([nn.Linear(width, 1) for _ in range(tasks)])
+        self.y = torch.randn(self.x.shape[0], tasks)
         self.params = [*self.encoder.parameters(), *self.heads.parameters()]
 
-    def forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         z = self.encoder(self.x)
+        views = [z.view_as(z) for _ in self.heads]
         losses = [
-            ((head(z).squeeze(-1) - self.y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)
+            ((head(v).squeeze(-1) - self.y[:, i]) ** 2).mean()
+            for i, (head, v) in enumerate(zip(self.heads, views, strict=True))
         ]
-        return z, losses
+        return views, losses
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
@@ -110,32 +134,30 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
 
 
 def peer_time(
-    make: Callable[[str, int], Callable[[], None] | None],
-    name: str,
-    tasks: int,
-    warmup: int,
-    steps: int,
+    make: Callable[[], Callable[[], None] | None], warmup: int, steps: int
 ) -> tuple[float | None, str | None]:
-    """A peer's median step time, or ``None`` with the error when its implementation fails."""
+    """The median step time, or ``None`` with the error when the implementation fails."""
     try:
-        step = make(name, tasks)
+        step = make()
         return (timed(step, warmup, steps), None) if step else (None, None)
     except Exception as error:  # a peer's bug is a result to report, not a reason to stop
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
-def manytask_step(name: str, tasks: int, mode: str) -> Callable[[], None]:
-    bench = Bench(tasks)
+def manytask_step(name: str, tasks: int, mode: str, model: str) -> Callable[[], None]:
+    bench = Bench(tasks, model)
     names = [f"t{i}" for i in range(tasks)]
-    options = {"mode": mode} if mode == "features" else {}
+    options: dict[str, Any] = {"mode": mode} if mode == "features" else {}
+    if name == "constant":
+        options["weights"] = [1.0] * tasks
     balancer = mt.balance.get(name, names, **options)
     optimizer = torch.optim.SGD([*bench.params, *balancer.parameters()], lr=1e-3)
     shared = list(bench.encoder.parameters())
 
     def step() -> None:
-        z, losses = bench.forward()
+        views, losses = bench.forward()
         optimizer.zero_grad()
-        balancer.backward(dict(zip(names, losses, strict=True)), shared=shared, features=z)
+        balancer.backward(dict(zip(names, losses, strict=True)), shared=shared, features=views)
         optimizer.step()
         balancer.end_epoch()
 
@@ -162,7 +184,7 @@ def _stub_torchvision() -> None:
     )
 
 
-def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
+def libmtl_step(name: str, tasks: int, model: str) -> Callable[[], None] | None:
     if name not in LIBMTL:
         return None
     _stub_torchvision()
@@ -172,7 +194,7 @@ def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
         return None
     cls = getattr(module, LIBMTL[name][0])
     kwargs = LIBMTL[name][1]
-    bench = Bench(tasks)
+    bench = Bench(tasks, model)
 
     class Harness(cls):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -181,7 +203,8 @@ def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
             self.task_name = [f"t{i}" for i in range(tasks)]
             self.device = torch.device("cpu")
             self.rep_grad = False
-            self.epoch = 0
+            self.epoch = 1  # steady state: LibMTL's GradNorm runs plain EW in epoch 0
+            self.train_loss_buffer = torch.ones(tasks, 2).numpy()  # GradNorm's L_i(0)
             self.encoder = bench.encoder
 
         def get_share_params(self) -> Any:
@@ -206,7 +229,7 @@ def libmtl_step(name: str, tasks: int) -> Callable[[], None] | None:
     return step
 
 
-def torchjd_step(name: str, tasks: int) -> Callable[[], None] | None:
+def torchjd_step(name: str, tasks: int, model: str) -> Callable[[], None] | None:
     if name not in TORCHJD:
         return None
     try:
@@ -225,13 +248,14 @@ def torchjd_step(name: str, tasks: int) -> Callable[[], None] | None:
         "trimmed_mean": {"trim_number": 1 if tasks >= 3 else 0},
     }
     aggregator = cls(**arguments.get(name, {}))
-    bench = Bench(tasks)
+    bench = Bench(tasks, model)
     optimizer = torch.optim.SGD(bench.params, lr=1e-3)
     shared = list(bench.encoder.parameters())
 
     def step() -> None:
-        z, losses = bench.forward()
+        views, losses = bench.forward()
         optimizer.zero_grad()
+        z = views[0]._base  # torchjd differentiates with respect to the representation itself
         autojac.mtl_backward(losses, features=z, shared_params=shared)
         autojac.jac_to_grad(shared, aggregator)
         optimizer.step()
@@ -279,6 +303,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="all")
     parser.add_argument("--tasks", default="2,10,40")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--modes", default="parameters,features", help="manytask modes to time, comma-separated"
+    )
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="time manytask only")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument(
@@ -286,33 +315,53 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    names = registry.names("balancer") if args.methods == "all" else args.methods.split(",")
+    # every registered method, less the aliases (sum is ew, random is rlw)
+    names = (
+        [n for n in registry.names("balancer") if n not in ALIASES]
+        if args.methods == "all"
+        else args.methods.split(",")
+    )
     sizes = [int(k) for k in args.tasks.split(",")]
+    modes = args.modes.split(",")
     rows: list[dict[str, Any]] = []
     for k in sizes:
-        ew = timed(manytask_step("ew", k, "parameters"), args.warmup, args.steps)
+        ew = timed(manytask_step("ew", k, "parameters", args.model), args.warmup, args.steps)
         for name in names:
             gradient = name in registry.names("balancer") and not issubclass(
                 registry.get("balancer", name), mt.balance.LossWeighting
             )
             row: dict[str, Any] = {"method": name, "tasks": k, "ew_ms": ew}
-            row["ours_ms"] = timed(manytask_step(name, k, "parameters"), args.warmup, args.steps)
-            if gradient:
-                row["ours_features_ms"] = timed(
-                    manytask_step(name, k, "features"), args.warmup, args.steps
+            if "parameters" in modes:
+                row["ours_ms"] = timed(
+                    manytask_step(name, k, "parameters", args.model), args.warmup, args.steps
                 )
+            if gradient and "features" in modes:  # a method that refuses feature mode says why
+                row["ours_features_ms"], refusal = peer_time(
+                    lambda: manytask_step(name, k, "features", args.model),  # noqa: B023
+                    args.warmup,
+                    args.steps,
+                )
+                if refusal:
+                    row["features_refused"] = refusal
             for peer, make in (("libmtl", libmtl_step), ("torchjd", torchjd_step)):
-                row[f"{peer}_ms"], error = peer_time(make, name, k, args.warmup, args.steps)
+                if not args.peers:
+                    break
+                row[f"{peer}_ms"], error = peer_time(
+                    lambda: make(name, k, args.model),  # noqa: B023
+                    args.warmup,
+                    args.steps,
+                )
                 if error:
                     row[f"{peer}_error"] = error
             rows.append(row)
             print(json.dumps(row), flush=True)
-    nash = {k: nash_weight_timing(k) for k in sizes}
+    nash = {k: nash_weight_timing(k) for k in sizes} if args.peers else {}
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "model": args.model,
         "command": " ".join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,28 +375,33 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
 def markdown(rows: list[dict[str, Any]], nash: dict[int, Any]) -> str:
     lines = [
-        "| method | k | manytask ms | feature mode ms | LibMTL ms | torchjd ms | manytask / LibMTL | features / EW |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | k | manytask ms | feature mode ms | LibMTL ms | torchjd ms "
+        "| ÷ LibMTL | ÷ torchjd | features ÷ EW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lib_ratio = r["ours_ms"] / r["libmtl_ms"] if r.get("libmtl_ms") else None
-        feat = r.get("ours_features_ms")
-        feat_ratio = feat / r["ew_ms"] if feat else None
-        lines.append(
-            f"| {r['method']} | {r['tasks']} | {_fmt(r['ours_ms'])} | {_fmt(feat)} | {_fmt(r.get('libmtl_ms'))} | "
-            f"{_fmt(r.get('torchjd_ms'))} | {_fmt(lib_ratio)} | {_fmt(feat_ratio)} |"
-        )
-    lines += [
-        "",
-        "| Nash-MTL weights, k | manytask ms | cvxpy reference ms | speed-up | max relative difference |",
-        "|---:|---:|---:|---:|---:|",
-    ]
+        ours, feat = r.get("ours_ms"), r.get("ours_features_ms")
+        lib, jd = r.get("libmtl_ms"), r.get("torchjd_ms")
+        cells = [ours, feat, lib, jd, _ratio(ours, lib), _ratio(ours, jd), _ratio(feat, r["ew_ms"])]
+        lines.append(f"| {r['method']} | {r['tasks']} | " + " | ".join(map(_fmt, cells)) + " |")
+    if any(nash.values()):
+        lines += [
+            "",
+            "| Nash-MTL weights, k | manytask ms | cvxpy reference ms | speed-up "
+            "| max relative difference |",
+            "|---:|---:|---:|---:|---:|",
+        ]
     for k, v in nash.items():
         if v:
             lines.append(
-                f"| {k} | {v['ours_ms']:.2f} | {v['cvxpy_ms']:.2f} | {v['speedup']:.1f}× | {v['max_rel_diff']:.1e} |"
+                f"| {k} | {v['ours_ms']:.2f} | {v['cvxpy_ms']:.2f} | {v['speedup']:.1f}× "
+                f"| {v['max_rel_diff']:.1e} |"
             )
     return "\n".join(lines)
 

@@ -35,6 +35,9 @@ INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
 LOWER = 5e-6
 SHIFT = 21.0
 ROOT = Path(__file__).resolve().parents[1]
+# aliases (`sum` is `ew`, `random` is `rlw`) and `constant`, which needs user weights (with
+# equal ones it is `ew`)
+SKIPPED = ("sum", "random", "constant")
 
 
 def toy_losses(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -169,7 +172,7 @@ def main() -> None:
         results = previous["results"]
     print(f"{'method':<14} {'on front':>8} {'mean final loss':>16} {'ms/step':>8}")
     for name in names:
-        if name == "constant":  # needs user weights; with equal ones it is `ew`
+        if name in SKIPPED:
             continue
         runs = [run(name, start, args.iters, args.scale, record) for start in INITS]
         flags = pareto_check(torch.tensor([r["end"] for r in runs]), args.scale, args.tol)

@@ -53,3 +53,16 @@ def test_matches_torchjd(seed, trim):
 def test_invalid_trim_number_is_refused(tasks, trim):
     with pytest.raises(ConfigError, match="trim_number"):
         mt.balance.get("trimmed_mean", [f"t{i}" for i in range(tasks)], trim_number=trim)
+
+
+@pytest.mark.parametrize("trim", [0, 1, 2, 3])
+def test_matches_sorting_with_tied_values(trim):
+    # the fast paths (two column reductions for trim 1, topk beyond) against a full sort
+    g = torch.Generator().manual_seed(trim)
+    jacobian = torch.randint(-3, 4, (9, 50), generator=g).double()  # many ties
+    jacobian[4] = jacobian[2]
+    direction = TrimmedMean([f"t{i}" for i in range(9)], trim_number=trim).direction(
+        jacobian, torch.ones(9)
+    )
+    expected = jacobian.sort(dim=0).values[trim : 9 - trim].mean(dim=0)
+    assert torch.allclose(direction, expected, atol=1e-12)

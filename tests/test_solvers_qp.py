@@ -155,7 +155,7 @@ def test_jacobi_eigh_matches_lapack(n):
         if trial % 3 == 0 and n > 1:
             jacobian[1] = jacobian[0]
         gramian = jacobian @ jacobian.T
-        values, vectors = symmetric_eigh(gramian)
+        values, vectors = symmetric_eigh(gramian, jacobi=True)
         reference = torch.linalg.eigvalsh(gramian)
         top = reference.abs().max()
         assert (values - reference).abs().max() <= 1e-13 * top
@@ -164,12 +164,13 @@ def test_jacobi_eigh_matches_lapack(n):
         assert torch.allclose(vectors.T @ vectors, torch.eye(n, dtype=torch.float64), atol=1e-12)
 
 
-def test_psd_pseudo_inverse_matches_torch():
+@pytest.mark.parametrize("jacobi", [True, None])
+def test_psd_pseudo_inverse_matches_torch(jacobi):
     gen = torch.Generator().manual_seed(0)
     for t, k in [(4, 6), (6, 3), (5, 5)]:
         jacobian = torch.randn(t, k, generator=gen, dtype=torch.float64)
         gramian = jacobian @ jacobian.T
-        ours = psd_pseudo_inverse(gramian, rtol=1e-10)
+        ours = psd_pseudo_inverse(gramian, rtol=1e-10, jacobi=jacobi)
         reference = torch.linalg.pinv(gramian, hermitian=True, rtol=1e-10)
         assert torch.allclose(ours, reference, atol=1e-9 * float(reference.abs().max()))
 

@@ -2,7 +2,8 @@
 
 ``torch.linalg.eigh`` (and ``pinv``, ``svd``, which call it) synchronises a CUDA device with the
 host to check its LAPACK status. The methods that need a spectrum of the ``(T, T)`` Gramian
-(Aligned-MTL, IMTL-G, ConFIG) use the cyclic Jacobi method here instead: a fixed number of
+(Aligned-MTL, IMTL-G, ConFIG) use the cyclic Jacobi method here instead on accelerators (on a
+CPU, LAPACK): a fixed number of
 sweeps of plane rotations, each sweep in ``m − 1`` rounds of ``m/2`` disjoint rotations applied
 together (the round-robin ordering of Brent and Luk, 1985), ``m`` being ``T`` rounded up to
 even. Jacobi's method converges quadratically once the off-diagonal part is small (Golub and
@@ -53,13 +54,21 @@ def default_sweeps(n: int) -> int:
     return 30
 
 
-def symmetric_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
+def symmetric_eigh(
+    matrix: Tensor, sweeps: int | None = None, jacobi: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric ``(n, n)`` matrix.
 
     Float64, on the matrix's device, with no host synchronisation. ``matrix ≈ V diag(λ) Vᵀ``.
+    ``jacobi=None`` uses the Jacobi method everywhere except on a CPU, where there is no device
+    to synchronise with and LAPACK (``torch.linalg.eigh``) is faster (0.1 ms against 60 ms for
+    40 tasks); ``True`` forces the Jacobi method.
     """
     a = matrix.double()
     a = 0.5 * (a + a.T)
+    if (a.device.type == "cpu") if jacobi is None else not jacobi:
+        values, vectors = torch.linalg.eigh(a)
+        return values, vectors
     n = a.shape[0]
     if n == 1:
         return a.diagonal().clone(), torch.ones_like(a)
@@ -95,13 +104,16 @@ def symmetric_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, T
     return values, vectors[:, order]
 
 
-def psd_pseudo_inverse(matrix: Tensor, rtol: float, sweeps: int | None = None) -> Tensor:
+def psd_pseudo_inverse(
+    matrix: Tensor, rtol: float, sweeps: int | None = None, jacobi: bool | None = None
+) -> Tensor:
     """Moore–Penrose pseudo-inverse of a symmetric positive semi-definite matrix (float64).
 
     Eigenvalues at or below ``rtol · λ_max`` count as zero, as ``torch.linalg.pinv(A,
-    hermitian=True, rtol=rtol)`` would do; no host synchronisation.
+    hermitian=True, rtol=rtol)`` would do; no host synchronisation (``jacobi`` as in
+    :func:`symmetric_eigh`).
     """
-    values, vectors = symmetric_eigh(matrix, sweeps)
+    values, vectors = symmetric_eigh(matrix, sweeps, jacobi)
     keep = values > rtol * values[-1].clamp_min(0.0)
     inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), 0.0)
     return (vectors * inverse) @ vectors.T
