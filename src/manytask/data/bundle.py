@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from manytask.columns import Columns
 from manytask.data.batch import MultiTaskDataset
 from manytask.task import TaskSet
 
@@ -13,9 +14,10 @@ from manytask.task import TaskSet
 class DatasetBundle:
     """Train/validation/test splits plus the tasks they label.
 
-    ``input_shape`` is the shape of one input sample (models are sized from it); ``info`` holds
-    facts worth reporting (sizes, seeds, measured label correlations …) and goes into the run's
-    ``summary.json``.
+    ``input_shape`` is the shape of one input sample (models are sized from it); ``columns``
+    describes a tabular input (numeric and categorical columns) and is None for other data;
+    ``info`` holds facts worth reporting (sizes, seeds, measured label correlations …) and goes
+    into the run's ``summary.json``.
     """
 
     train: MultiTaskDataset
@@ -24,6 +26,7 @@ class DatasetBundle:
     tasks: TaskSet
     input_shape: tuple[int, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    columns: Columns | None = None
 
     def describe(self) -> str:
         """One line: split sizes, tasks and the facts in ``info``."""

@@ -12,10 +12,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from manytask import registry
+from manytask.columns import Columns
 from manytask.errors import ConfigError
 from manytask.nn.base import MultiTaskModel
 from manytask.nn.encoders import Encoder
 from manytask.nn.heads import TaskHead
+from manytask.nn.inputs import WithInput, input_layer
 from manytask.task import TaskSet
 
 
@@ -79,8 +81,15 @@ def build_encoder(spec: dict[str, Any], input_shape: Sequence[int]) -> Encoder:
 def shared_bottom(
     tasks: TaskSet,
     input_shape: Sequence[int],
+    columns: Columns | None = None,
     encoder: dict[str, Any] = {"name": "mlp"},  # noqa: B006 - read-only default
     head_hidden: list[int] = [],  # noqa: B006
+    embedding_dim: int = 8,
 ) -> SharedBottom:
-    """Shared-bottom model from config: ``encoder`` is ``{name: mlp|cnn, **params}``."""
-    return SharedBottom(build_encoder(encoder, input_shape), tasks, head_hidden)
+    """Shared-bottom model from config: ``encoder`` is ``{name: mlp|cnn, **params}``; tabular
+    inputs have their categorical columns embedded (``embedding_dim``) in front of it."""
+    if columns is None:
+        return SharedBottom(build_encoder(encoder, input_shape), tasks, head_hidden)
+    front, width = input_layer(input_shape, columns, embedding_dim)
+    body = WithInput(front, build_encoder(encoder, (width,)))
+    return SharedBottom(body, tasks, head_hidden)

@@ -143,6 +143,7 @@ def build_experiment(
         config.model.params,
         tasks=tasks,
         input_shape=bundle.input_shape,
+        columns=bundle.columns,
     )
     balancer = balance.get(config.balancer.name, tasks.names, **config.balancer.params)
     optimizer = build_optimizer(config.optimizer, [*model.parameters(), *balancer.parameters()])
