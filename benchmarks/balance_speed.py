@@ -1,10 +1,12 @@
 """Milliseconds per training step of every balancing method, beside LibMTL and torchjd.
 
-One shared-bottom MLP (input 64 → 256 → 256, ReLU; one linear head per task), a batch of 256
-random regression samples, SGD. A step is: forward, per-task MSE losses, the method's backward,
-optimizer step. Each library runs the same model, data and step in the same process; the
-figures are medians over ``--steps`` timed steps after ``--warmup`` untimed ones, and ratios
-are taken within one run (equal weighting is the baseline).
+A shared-bottom model (``--model mlp`` or ``cnn``, see :class:`Bench`; one linear head per task)
+on a batch of random regression samples, SGD. A step is: forward, per-task MSE losses, the
+method's backward, optimizer step. For each method and task count, every variant — equal
+weighting (the baseline), manytask in parameter and in feature mode, LibMTL's and torchjd's
+implementations — runs on the same model and data in the same process, the variants timed in
+turn (A B C A B C …) so that drifts of a shared machine cancel in the ratios; the figures are
+medians over ``--steps`` rounds after ``--warmup`` untimed ones.
 
 Also times one Nash-MTL weight computation: manytask's torch solver against the cvxpy-based
 reference (torchjd's ``NashMTL`` weighting, which follows the authors' cvxpy formulation), with
@@ -122,24 +124,33 @@ class Bench:
         return views, losses
 
 
-def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
+def timed_together(
+    steps: dict[str, Callable[[], None]], warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median ms per step of each variant, timed in turn (A B C A B C …) so that drifts of a
+    shared machine hit every variant alike and cancel in their ratios."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
-def peer_time(
-    make: Callable[[], Callable[[], None] | None], warmup: int, steps: int
-) -> tuple[float | None, str | None]:
-    """The median step time, or ``None`` with the error when the implementation fails."""
+def build(
+    make: Callable[[], Callable[[], None] | None],
+) -> tuple[Callable[[], None] | None, str | None]:
+    """The step of one variant, or None with the error when the implementation fails — run
+    once here so that a failing peer is reported and left out, not timed."""
     try:
         step = make()
-        return (timed(step, warmup, steps), None) if step else (None, None)
+        if step is not None:
+            step()
+        return step, None
     except Exception as error:  # a peer's bug is a result to report, not a reason to stop
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
@@ -326,35 +337,29 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for k in sizes:
         for name in names:
-            # the baseline is timed again beside every method, so slow drifts of the machine
-            # (frequency, other load) cancel in the ratios
-            ew = timed(manytask_step("ew", k, "parameters", args.model), args.warmup, args.steps)
             gradient = name in registry.names("balancer") and not issubclass(
                 registry.get("balancer", name), mt.balance.LossWeighting
             )
-            row: dict[str, Any] = {"method": name, "tasks": k, "ew_ms": ew}
+            row: dict[str, Any] = {"method": name, "tasks": k}
+            makers: dict[str, Callable[[], Callable[[], None] | None]] = {
+                "ew": lambda: manytask_step("ew", k, "parameters", args.model),  # noqa: B023
+            }
             if "parameters" in modes:
-                row["ours_ms"] = timed(
-                    manytask_step(name, k, "parameters", args.model), args.warmup, args.steps
-                )
+                makers["ours"] = lambda: manytask_step(name, k, "parameters", args.model)  # noqa: B023
             if gradient and "features" in modes:  # a method that refuses feature mode says why
-                row["ours_features_ms"], refusal = peer_time(
-                    lambda: manytask_step(name, k, "features", args.model),  # noqa: B023
-                    args.warmup,
-                    args.steps,
-                )
-                if refusal:
-                    row["features_refused"] = refusal
-            for peer, make in (("libmtl", libmtl_step), ("torchjd", torchjd_step)):
-                if not args.peers:
-                    break
-                row[f"{peer}_ms"], error = peer_time(
-                    lambda: make(name, k, args.model),  # noqa: B023
-                    args.warmup,
-                    args.steps,
-                )
-                if error:
-                    row[f"{peer}_error"] = error
+                makers["ours_features"] = lambda: manytask_step(name, k, "features", args.model)  # noqa: B023
+            if args.peers:
+                makers["libmtl"] = lambda: libmtl_step(name, k, args.model)  # noqa: B023
+                makers["torchjd"] = lambda: torchjd_step(name, k, args.model)  # noqa: B023
+            steps: dict[str, Callable[[], None]] = {}
+            for variant, make in makers.items():
+                step, error = build(make)
+                if step is not None:
+                    steps[variant] = step
+                elif error:
+                    row[f"{variant}_error"] = error
+            for variant, ms in timed_together(steps, args.warmup, args.steps).items():
+                row[f"{variant}_ms"] = ms
             rows.append(row)
             print(json.dumps(row), flush=True)
     nash = {k: nash_weight_timing(k) for k in sizes} if args.peers else {}
