@@ -38,6 +38,7 @@ from torch import nn
 import manytask as mt
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from timing import timed_together  # benchmarks/timing.py (this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,23 +123,6 @@ class Bench:
             for i, (head, v) in enumerate(zip(self.heads, views, strict=True))
         ]
         return views, losses
-
-
-def timed_together(
-    steps: dict[str, Callable[[], None]], warmup: int, repeats: int
-) -> dict[str, float]:
-    """Median ms per step of each variant, timed in turn (A B C A B C …) so that drifts of a
-    shared machine hit every variant alike and cancel in their ratios."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - started)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def build(
