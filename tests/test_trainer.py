@@ -296,3 +296,32 @@ def test_reduce_lr_on_plateau_watches_the_selection_score():
     rising.selection_score = lambda results: next(scores)  # type: ignore[method-assign]
     rising.fit()
     assert rising.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("balancer", ["ew", "mgda"])
+def test_the_models_auxiliary_loss_is_trained(balancer):
+    # a model term that no task loss touches (an extra parameter pulled to 3) must move, and
+    # the balancer's gradients must be added to it, not replace it
+    bundle = tiny_regression_bundle()
+    torch.manual_seed(0)
+    model = mt.nn.SharedBottom(mt.nn.MLPEncoder(bundle.input_shape, [16]), bundle.tasks)
+    model.pull = torch.nn.Parameter(torch.zeros(()))
+    model.auxiliary_loss = lambda: (model.pull - 3.0) ** 2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = Trainer(
+        model,
+        bundle.tasks,
+        mt.balance.get(balancer, bundle.tasks.names),
+        optimizer,
+        bundle.train,
+        bundle.val,
+        bundle.test,
+        epochs=2,
+        batch_size=16,
+        progress=False,
+    )
+    before = [p.detach().clone() for p in model.encoder.parameters()]
+    trainer.fit()
+    # 16 SGD steps of x ← x + 0.1·(3 − x) from 0
+    assert float(model.pull) == pytest.approx(3.0 * (1 - 0.9**16), rel=1e-5)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.encoder.parameters()))

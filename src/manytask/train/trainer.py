@@ -294,6 +294,7 @@ class Trainer:
             values = distributed.all_reduce_mean_(values).cpu()  # the union batch's losses
             self._check_finite(values)
             self.optimizer.zero_grad(set_to_none=True)
+            self._backward_auxiliary_loss()
             step = self.balancer.backward(
                 losses, shared=self._shared, features=features, scaler=self.scaler
             )
@@ -340,6 +341,22 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def _backward_auxiliary_loss(self) -> None:
+        """The model's own training terms (the load-balancing and entropy losses of top-k and
+        DSelect-k gates), back-propagated before the balancer's backward, which adds to them.
+
+        They are not task losses, so no balancer weighs them. Under ``torch.distributed`` their
+        gradients are those of each rank's share of the batch (averaged with the rest only where
+        the balancer leaves gradients unreduced).
+        """
+        auxiliary = getattr(self.model, "auxiliary_loss", None)
+        if not callable(auxiliary):
+            return
+        term = auxiliary()
+        if isinstance(term, torch.Tensor) and term.requires_grad:
+            scaled = self.scaler.scale(term) if self.scaler is not None else term
+            scaled.backward(retain_graph=True)
 
     def _step_epoch_scheduler(self, score: float) -> None:
         """Step the scheduler; ``ReduceLROnPlateau`` watches the selection score."""
