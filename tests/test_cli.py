@@ -101,3 +101,38 @@ def test_compare_refuses_a_method_it_cannot_build_before_training(tmp_path: Path
     assert code == 2
     assert "weights" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "cmp-compare" / "single-task").exists()  # nothing trained
+
+
+def test_compare_runs_every_method_on_every_listed_architecture(tmp_path: Path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "run": {"dir": str(tmp_path / "runs")}}))
+    args = ["compare", str(path), "--methods", "ew,dwa", "--seeds", "1", "--quiet"]
+    assert main([*args, "--models", "shared_bottom,mmoe"]) == 0
+    root = tmp_path / "runs" / "cmp-compare"
+    board = json.loads((root / "leaderboard.json").read_text())
+    assert {row["method"] for row in board["rows"]} == {
+        "single-task",
+        "shared_bottom · ew",
+        "shared_bottom · dwa",
+        "mmoe · ew",
+        "mmoe · dwa",
+    }
+    # the configured model keeps its parameters; the others run at their defaults
+    kept = yaml.safe_load((root / "shared_bottom" / "ew" / "seed-1" / "config.yaml").read_text())
+    assert kept["model"]["encoder"] == {"name": "mlp", "hidden": [16]}
+    other = yaml.safe_load((root / "mmoe" / "dwa" / "seed-1" / "config.yaml").read_text())
+    assert other["model"] == {"name": "mmoe"} and other["balancer"]["temperature"] == 3.0
+    # baselines are the configured architecture, trained once
+    stl = yaml.safe_load((root / "single-task" / "y1" / "seed-1" / "config.yaml").read_text())
+    assert stl["model"]["name"] == "shared_bottom"
+
+
+def test_compare_refuses_an_architecture_that_cannot_read_the_data(tmp_path: Path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "run": {"dir": str(tmp_path / "runs")}}))
+    args = ["compare", str(path), "--methods", "ew", "--seeds", "1", "--quiet"]
+    assert main([*args, "--models", "mmoe,mtan"]) == 2  # MTAN needs images
+    assert "mtan" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "runs" / "cmp-compare" / "single-task").exists()
+    assert main([*args, "--models", "mmoe,nope"]) == 2
+    assert "unknown architecture 'nope'" in capsys.readouterr().err

@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated balancer names, e.g. ew,uw,dwa,rlw, or 'all'",
     )
     compare.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    compare.add_argument(
+        "--models",
+        default="",
+        help="comma-separated architectures to run every method on, e.g. shared_bottom,mmoe,ple "
+        "(default: the config's model); baselines use the config's model",
+    )
 
     listing = sub.add_parser("list", help="registered methods, architectures, datasets, metrics")
     listing.add_argument("kind", nargs="?", choices=sorted(LIST_KINDS), help="only this kind")
@@ -133,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=args.resume,
             progress=progress,
             announce=lambda message: errors.print(message, highlight=False),
+            models=[m.strip() for m in args.models.split(",") if m.strip()],
         )
         _print_leaderboard(console, board, f"{config.name}: test split, {args.seeds} seed(s)")
         console.print(

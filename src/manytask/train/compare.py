@@ -5,11 +5,15 @@ Layout of ``runs/<name>-compare/``::
     config.yaml                   the base config
     single-task/<task>/seed-<s>/  one run directory per baseline model
     <method>/seed-<s>/            one run directory per method and seed
+    <model>/<method>/seed-<s>/    … per architecture too, when several are compared
     leaderboard.json              the leaderboard (also printed)
     leaderboard.md
 
 Every run sees the same splits (the dataset is built once) and, for a given seed, the same
-initialisation of the shared encoder and the same batch order. With ``resume``, finished runs
+initialisation of the shared encoder and the same batch order. With ``models`` (architecture
+names) every method runs on every architecture, each at its default hyper-parameters (the
+configured ``model`` keeps its own); the single-task baselines are always the configured model,
+so one Δm scale ranks every (architecture, method) pair. With ``resume``, finished runs
 are kept, interrupted runs continue from their last checkpoint, and missing runs start.
 """
 
@@ -59,12 +63,19 @@ def compare(
     resume: bool = False,
     progress: bool | None = None,
     announce: Announce = print,
+    models: Sequence[str] = (),
 ) -> Leaderboard:
-    """Train the single-task baselines and each method for each seed; return the leaderboard."""
+    """Train the single-task baselines and each method (on each of ``models``, when given) for
+    each seed; return the leaderboard."""
     if not methods:
         raise ConfigError("compare needs at least one method (e.g. --methods ew,uw,dwa,rlw)")
     for method in methods:
         registry.get("balancer", method)  # unknown names fail before any data is read
+    for model in models:
+        registry.get("architecture", model)
+    if len(set(models)) != len(models):
+        raise ConfigError(f"--models lists an architecture twice: {', '.join(models)}")
+    specs = [config.model if m == config.model.name else ComponentConfig(name=m) for m in models]
     seed_list = [config.seed + i for i in range(seeds)] if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ConfigError("compare needs at least one seed")
@@ -84,6 +95,15 @@ def compare(
     for method in methods:  # a method that cannot be built fails now, not after hours of runs
         spec = _balancer_spec(config, method)
         balance.get(spec.name, tasks.names, **spec.params)
+    for model_spec in specs:  # so does an architecture that cannot read this data
+        registry.call_with_params(
+            "architecture",
+            model_spec.name,
+            model_spec.params,
+            tasks=tasks,
+            input_shape=bundle.input_shape,
+            columns=bundle.columns,
+        )
     overrides = config.tasks or {name: TaskConfig() for name in tasks.names}
     kwargs = {"bundle": bundle, "progress": progress}
 
@@ -106,15 +126,21 @@ def compare(
         baseline_seconds.append(seconds)
 
     results: dict[str, list[tuple[dict[str, dict[str, float]], float]]] = {}
-    for method in methods:
-        results[method] = []
-        for seed in seed_list:
-            run = config.model_copy(
-                update={"seed": seed, "balancer": _balancer_spec(config, method)}
-            )
-            path = root / method / f"seed-{seed}"
-            summary = _run(run, path, resume, announce, **kwargs)
-            results[method].append((summary["test"], summary["seconds_per_epoch"]))
+    for model_spec in specs or [config.model]:
+        for method in methods:
+            label = f"{model_spec.name} · {method}" if specs else method
+            folder = root / model_spec.name / method if specs else root / method
+            results[label] = []
+            for seed in seed_list:
+                run = config.model_copy(
+                    update={
+                        "seed": seed,
+                        "balancer": _balancer_spec(config, method),
+                        "model": model_spec,
+                    }
+                )
+                summary = _run(run, folder / f"seed-{seed}", resume, announce, **kwargs)
+                results[label].append((summary["test"], summary["seconds_per_epoch"]))
 
     board = build_leaderboard(tasks, baselines, baseline_seconds, results, seed_list)
     atomic.write_json(root / "leaderboard.json", board.to_dict())
