@@ -235,15 +235,7 @@ def dselect_k(
     (google-research/dselect_k_moe); 8 experts as in the MMoE paper's synthetic experiments;
     ``k = 2``, expert width ``[64]``, tower width ``[32]``: manytask's choices.
     """
-    _check_common(num_experts, expert_hidden, tower_hidden, dropout)
-    if num_experts < 2:
-        raise ConfigError(f"dselect_k needs num_experts ≥ 2, got {num_experts}")
-    if not 1 <= k <= num_experts:
-        raise ConfigError(f"k must be in [1, num_experts={num_experts}], got {k}")
-    if gamma <= 0:
-        raise ConfigError(f"gamma must be > 0, got {gamma}")
-    if entropy_weight < 0:
-        raise ConfigError(f"entropy_weight must be ≥ 0, got {entropy_weight}")
+    _check_common(num_experts, expert_hidden, tower_hidden, dropout)  # the gate checks the rest
     front, width = input_layer(input_shape, columns, embedding_dim)
     experts = ExpertBank(num_experts, width, expert_hidden, activation, dropout)
     gates: list[Gate] = [
