@@ -67,3 +67,12 @@ def tiny_regression_bundle(n: int = 256, seed: int = 0) -> DatasetBundle:
 @pytest.fixture
 def tiny_bundle() -> DatasetBundle:
     return tiny_regression_bundle()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,13 +44,7 @@ NAMES = sorted({name for name, _ in CASES})
 COLUMNS = Columns(numeric=("u", "v"), categorical=(("k", 3), ("m", 2)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tasks() -> mt.TaskSet:
