@@ -84,24 +84,31 @@ def run_one(model: str, correlation: float, run: int, epochs: int, root: Path) -
 
 
 def table(rows: list[dict[str, Any]], models: list[str], correlations: list[float]) -> str:
+    """Mean ± std of each model's test MSE; then, paired by run (same data, same seed), the
+    mean ± standard error of shared-bottom's MSE minus MMoE's and how often MMoE is lower."""
+    paired = "shared_bottom" in models and "mmoe" in models
     lines = [
         "| correlation (measured) | "
         + " | ".join(f"{m} test MSE" for m in models)
-        + " | shared-bottom − MMoE |",
-        "|---|" + "---:|" * (len(models) + 1),
+        + (" | shared-bottom − MMoE, paired | MMoE lower |" if paired else " |"),
+        "|---|" + "---:|" * (len(models) + (2 if paired else 0)),
     ]
     for p in correlations:
         at = [r for r in rows if r["correlation"] == p]
         measured = statistics.fmean(r["label_correlation"] for r in at if r["model"] == models[0])
         cells = []
-        means = {}
         for m in models:
             values = [r["test_mse"] for r in at if r["model"] == m]
-            means[m] = statistics.fmean(values)
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{means[m]:.4f} ± {spread:.4f}")
-        gap = means.get("shared_bottom", float("nan")) - means.get("mmoe", float("nan"))
-        lines.append(f"| {p} ({measured:.2f}) | " + " | ".join(cells) + f" | {gap:+.4f} |")
+            cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f}")
+        if paired:
+            by_run = {(r["model"], r["run"]): r["test_mse"] for r in at}
+            runs = sorted({r["run"] for r in at})
+            gaps = [by_run[("shared_bottom", k)] - by_run[("mmoe", k)] for k in runs]
+            error = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else 0.0
+            cells.append(f"{statistics.fmean(gaps):+.4f} ± {error:.4f}")
+            cells.append(f"{sum(g > 0 for g in gaps)}/{len(gaps)}")
+        lines.append(f"| {p} ({measured:.2f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -146,12 +153,19 @@ def main() -> None:
     parser.add_argument(
         "--plot", type=Path, default=ROOT / "docs" / "images" / "mmoe_correlation.png"
     )
+    parser.add_argument(
+        "--table-only", action="store_true", help="print the table of the results in --out"
+    )
     args = parser.parse_args()
     correlations = [float(p) for p in args.correlations.split(",")]
     models = args.models.split(",")
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.table_only:  # re-read a finished run's rows
+        saved = json.loads(args.out.read_text())
+        print(table(saved["rows"], models, correlations))
+        return
     torch.set_num_threads(1)
     rows = []
     started = time.perf_counter()
