@@ -10,7 +10,7 @@ Multi-gate Mixture-of-Experts", KDD 2018, §4 (Figure 4: the three models at cor
 
 Each run draws a fresh data set (``manytask.data.mmoe_synthetic``, seed = run index) and a
 fresh initialisation, trains each model with Adam for ``--epochs`` epochs and keeps the epoch
-of lowest validation loss; the figure reported is the test MSE averaged over the two tasks.
+of lowest mean validation MAE; the figure reported is the test MSE averaged over the two tasks.
 The three models have about the same number of parameters (printed), as in the paper.
 
     python benchmarks/mmoe_correlation.py                      # 3 correlations × 3 models × 10 runs
