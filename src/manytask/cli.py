@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from manytask import __version__, registry
+from manytask import __version__, distributed, registry
 from manytask.config import load_config
 from manytask.errors import ManytaskError, NonFiniteLossError
 from manytask.evaluate.leaderboard import Leaderboard
@@ -153,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted; continue later with --resume", highlight=False)
         return 130
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group before exiting
 
 
 if __name__ == "__main__":

@@ -33,6 +33,17 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group, after every rank has reached this point.
+
+    A process that exits while still in a gloo group can abort on the way out ("terminate
+    called without an active exception") as the group's threads are torn down.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -77,6 +77,7 @@ def main() -> None:
         run(name, options, out)
     if distributed.rank() == 0:
         (out / f"done-world{distributed.world_size()}.json").write_text(json.dumps(METHODS))
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
