@@ -22,7 +22,9 @@ concave–convex procedure, at most 20 per step, warm-started from the previous 
 both find the same unique solution when the task gradients are linearly independent, the
 paper's assumption. To stay defined without it — a zero gradient, or zero in the convex hull
 of the gradients, where no positive solution exists — :func:`power_balance` solves with
-:math:`G/\bar g + \epsilon I` (:math:`\bar g` the mean diagonal, :math:`\epsilon = 10^{-12}`),
+:math:`G/\bar g + \epsilon I` (:math:`\bar g` the mean diagonal, :math:`\epsilon = 10^{-12}`, or
+:math:`T` times the machine epsilon of a Gramian computed in lower precision: a float32 Gramian of
+nearly opposite gradients is often slightly indefinite after rounding),
 which moves the weights of independent gradients by a relative :math:`O(\epsilon w_i^2)`, and
 gives weight zero to tasks whose gradient is numerically zero (their weight does not change
 the direction). With the default 40 Newton steps the relative residual of :math:`Gw = w^{-p}`
@@ -37,7 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: relative diagonal regularisation (see the module docstring)
+#: relative diagonal regularisation (see the module docstring); at least ``T·ε`` of the
+#: Gramian's dtype, so that one rounded in float32 is still positive definite
 EPSILON = 1e-12
 _LINE_SEARCH = 30
 #: on a CPU the loop stops once every ``|wᵢ(Aw)ᵢ − wᵢ^(1−p)|`` is below this share of
@@ -82,7 +85,10 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))
     live = diagonal > 1e-12 * diagonal.max().clamp_min(0.0)  # numerically non-zero gradients
     eye = torch.eye(t, dtype=g.dtype, device=g.device)
-    a = g / mean + EPSILON * eye
+    # a Gramian rounded in float32 can be slightly indefinite (nearly opposite gradients): the
+    # shift also covers rounding at the precision the Gramian was computed in
+    shift = max(EPSILON, t * torch.finfo(gramian.dtype).eps)
+    a = g / mean + shift * eye
     p = float(power)
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv
