@@ -303,3 +303,19 @@ def test_cagrad_dual_two_tasks_closed_form_matches_a_grid_search():
         value = a @ w + radius * torch.sqrt((w @ gram @ w).clamp_min(0))
         values = grid @ a + radius * torch.sqrt(((grid @ gram) * grid).sum(1).clamp_min(0))
         assert float(value) <= float(values.min()) + 1e-12
+
+
+def test_dual_cone_weights_of_a_float32_gramian_of_nearly_opposite_gradients_are_finite():
+    # met on the toy problem of benchmarks/toy_pareto.py: rounded in float32 this Gramian is
+    # indefinite (determinant about −1.6e-11), which made the QP unbounded (inf weights)
+    jacobian = torch.tensor(
+        [[-0.03956903215788562, 7.78914687855236e-05], [2.4030523856606414, -0.005532107036450387]]
+    )
+    gramian = jacobian @ jacobian.T
+    assert torch.linalg.det(gramian.double()) < 0
+    v = dual_cone_weights(gramian, torch.eye(2))
+    assert torch.isfinite(v).all()
+    # the dual cone of two nearly opposite gradients is nearly a line through 0: the
+    # projections are small, not blown up
+    directions = v.T.to(jacobian.dtype) @ jacobian
+    assert directions.norm(dim=1).max() <= jacobian.norm(dim=1).max()

@@ -94,7 +94,7 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv
     v = torch.rsqrt(a.diagonal())
     c = ((v ** (1.0 - p)).sum() / (v @ a @ v)) ** (1.0 / (1.0 + p))
-    w = c * v
+    w = start = c * v
     lengths = 0.5 ** torch.arange(_LINE_SEARCH, dtype=g.dtype, device=g.device)
     may_stop = g.device.type == "cpu"  # reading a CPU tensor waits for no device
     for _ in range(iterations):
@@ -117,5 +117,6 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
         chosen = lengths.gather(0, index.reshape(1))[0]  # (a 0-dim tensor index would sync)
         length = torch.where(better.any(), chosen, torch.zeros_like(chosen))
         w = w + length * step
+    w = torch.where(torch.isfinite(w).all(), w, start)  # never inf/NaN, whatever the input
     w = w * mean ** (-1.0 / (1.0 + p))  # back to the scale of G
     return torch.where(live, w, torch.zeros_like(w))

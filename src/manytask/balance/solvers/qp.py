@@ -113,6 +113,10 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     a = a / scale
     b = b / scale
+    # a Gramian rounded in float32 can be slightly indefinite (nearly opposite gradients), which
+    # would make the problem unbounded: shift by T times the machine epsilon of its dtype
+    shift = t * torch.finfo(quadratic.dtype).eps
+    a = a + shift * torch.eye(t, dtype=a.dtype, device=a.device)
     return _interior_point(a, b, iterations)
 
 
@@ -124,4 +128,7 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     """
     g = gramian.double()
     u = anchors.double()
-    return u + nonneg_qp(g, g @ u, iterations)
+    v = u + nonneg_qp(gramian, g @ u, iterations)
+    # should rounding still leave a problem without a minimiser, keep that anchor unprojected
+    # rather than return inf or NaN
+    return torch.where(torch.isfinite(v).all(dim=0), v, u)
