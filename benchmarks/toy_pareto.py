@@ -132,7 +132,7 @@ def plot(results: dict, scale: float, path: Path) -> None:
         "green ends on the Pareto front, red does not",
         fontsize=12,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the first row
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
