@@ -46,12 +46,12 @@ from torch import Tensor
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.eigh import symmetric_eigh
+from manytask.balance.solvers.precision import RANK_EPS
 from manytask.errors import ConfigError
 
 ScaleMode = Literal["min", "median", "rmse"]
 
-#: eigenvalues at or below ``T · RANK_EPS · λ_max`` are treated as zero (the authors' tolerance)
-RANK_EPS = float(torch.finfo(torch.float32).eps)
+# eigenvalues at or below T · RANK_EPS · λ_max are treated as zero (the authors' tolerance)
 
 
 def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:

@@ -17,8 +17,8 @@ and, by Proposition 1 of Quinton and Rey, with :math:`G = JJ^\top`,
     w = \arg\min_{v \ge \mathbf 1 / T} v^\top G v, \qquad d = J^\top w .
 
 The quadratic program is solved by the interior-point method of
-:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64, fixed iteration count, no host
-synchronisation).
+:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64, no host synchronisation; see
+:class:`~manytask.balance.aggregation.upgrad.DualConeWeighting`, shared with UPGrad).
 
 Properties: non-conflicting (``Jd ≥ 0``), homogeneous and independent of the task order.
 
@@ -26,7 +26,8 @@ Defaults: the uniform preference ``1/T`` (torchjd's default ``pref_vector``); 25
 iterations (see :mod:`manytask.balance.solvers.qp`).
 
 Deviations: none in the rule. torchjd 0.18 divides ``G`` by its trace and adds ``1e-4·I`` before
-calling quadprog; manytask solves the unregularised problem (differences up to ~1e-4 relative,
+calling quadprog; manytask adds only ``T`` machine epsilons of the Gramian's dtype against
+rounding (differences up to ~1e-4 relative,
 ``tests/test_method_dualproj.py``).
 
 Shared parameters receive ``d``; task-specific parameters their own task's gradient. Exact under
@@ -35,15 +36,11 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.qp import dual_cone_weights
-from manytask.errors import ConfigError
+from manytask.balance.aggregation.upgrad import DualConeWeighting
 
 
 @registry.register(
@@ -52,25 +49,13 @@ from manytask.errors import ConfigError
     "mean gradient projected onto the dual cone of the gradients (Quinton & Rey, arXiv 2024, "
     "arXiv:2406.16232)",
 )
-class DualProj(GramianWeighting):
-    """DualProj weights from the Gramian.
+class DualProj(DualConeWeighting):
+    """DualProj weights from the Gramian: the one anchor is ``1/T``.
 
     Args:
         tasks: task names.
         iterations: interior-point iterations of the projection solver.
     """
 
-    permutation_invariant = True
-    non_conflicting = True
-    homogeneous = True
-
-    def __init__(self, tasks: Sequence[str], iterations: int = 25) -> None:
-        super().__init__(tasks)
-        if iterations < 1:
-            raise ConfigError(f"dualproj: iterations must be ≥ 1, got {iterations}")
-        self.iterations = iterations
-
-    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        t = gramian.shape[0]
-        anchor = torch.full((t,), 1.0 / t, dtype=torch.float64, device=gramian.device)
-        return dual_cone_weights(gramian, anchor, self.iterations).to(gramian.dtype)
+    def anchors(self, tasks: int, device: torch.device) -> Tensor:
+        return torch.full((tasks, 1), 1.0 / tasks, dtype=torch.float64, device=device)

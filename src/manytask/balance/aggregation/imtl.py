@@ -72,9 +72,7 @@ from torch import Tensor, nn
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
-
-#: eigenvalues at or below ``T · RANK_EPS · λ_max`` are treated as zero
-RANK_EPS = float(torch.finfo(torch.float32).eps)
+from manytask.balance.solvers.precision import RANK_EPS
 
 
 def imtl_g_weights(gramian: Tensor) -> Tensor:

@@ -30,8 +30,9 @@ problems with up to 40 tasks, ``tests/test_solvers_qp.py``).
 
 Deviations: none in the rule. torchjd 0.18 solves each projection with quadprog after dividing
 ``G`` by its trace and adding ``1e-4·I`` (to keep quadprog's factorisation positive definite);
-manytask needs no regularisation, so its weights are the exact projection's, and differ from
-torchjd's default by up to ~1e-4 relative (``tests/test_method_upgrad.py``).
+manytask adds only ``T`` machine epsilons of the Gramian's dtype against rounding, so its
+weights are the exact projection's to that precision, and differ from torchjd's default by up to
+~1e-4 relative (``tests/test_method_upgrad.py``).
 
 Shared parameters receive ``d``; task-specific parameters their own task's gradient. Exact under
 ``torch.distributed`` (``J`` is averaged over ranks before ``G`` is formed).
@@ -39,6 +40,7 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -50,14 +52,10 @@ from manytask.balance.solvers.qp import dual_cone_weights
 from manytask.errors import ConfigError
 
 
-@registry.register(
-    "balancer",
-    "upgrad",
-    "mean of the gradients projected onto their dual cone (Quinton & Rey, arXiv 2024, "
-    "arXiv:2406.16232)",
-)
-class UPGrad(GramianWeighting):
-    """UPGrad weights from the Gramian.
+class DualConeWeighting(GramianWeighting):
+    """Weights that project anchor combinations of the gradients onto their dual cone and add
+    the projections up: ``w = Σ_k v_k`` with ``v_k = argmin_{v ≥ u_k} vᵀGv`` for the columns
+    ``u_k`` of :meth:`anchors` (UPGrad: one anchor per task; DualProj: the mean).
 
     Args:
         tasks: task names.
@@ -71,11 +69,33 @@ class UPGrad(GramianWeighting):
     def __init__(self, tasks: Sequence[str], iterations: int = 25) -> None:
         super().__init__(tasks)
         if iterations < 1:
-            raise ConfigError(f"upgrad: iterations must be ≥ 1, got {iterations}")
+            name = type(self).__name__.lower()
+            raise ConfigError(f"{name}: iterations must be ≥ 1, got {iterations}")
         self.iterations = iterations
 
+    @abc.abstractmethod
+    def anchors(self, tasks: int, device: torch.device) -> Tensor:
+        """The ``(T, K)`` anchors, float64."""
+
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        t = gramian.shape[0]
-        anchors = torch.eye(t, dtype=torch.float64, device=gramian.device) / t
-        projections = dual_cone_weights(gramian, anchors, self.iterations)  # column i: v_i / T
+        anchors = self.anchors(gramian.shape[0], gramian.device)
+        projections = dual_cone_weights(gramian, anchors, self.iterations)  # column k: v_k
         return projections.sum(dim=1).to(gramian.dtype)
+
+
+@registry.register(
+    "balancer",
+    "upgrad",
+    "mean of the gradients projected onto their dual cone (Quinton & Rey, arXiv 2024, "
+    "arXiv:2406.16232)",
+)
+class UPGrad(DualConeWeighting):
+    """UPGrad weights from the Gramian: the anchors are the columns of ``I/T``.
+
+    Args:
+        tasks: task names.
+        iterations: interior-point iterations of the projection solver.
+    """
+
+    def anchors(self, tasks: int, device: torch.device) -> Tensor:
+        return torch.eye(tasks, dtype=torch.float64, device=device) / tasks

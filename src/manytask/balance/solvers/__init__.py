@@ -1,5 +1,7 @@
 """Small solvers for balancing methods, written for torch on the tensors' device.
 
-Each runs a fixed number of iterations (no convergence test that would read a value back to
-the host inside a training step) and works in float64 on the tiny ``(T, T)`` problems.
+They work in float64 on the tiny ``(T, T)`` problems. On accelerators the iterative ones run
+a fixed number of iterations (a convergence test would read a value back to the host inside a
+training step); on a CPU, where reading a value costs no synchronisation, they stop once
+converged.
 """

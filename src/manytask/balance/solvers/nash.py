@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from manytask.balance.solvers.precision import rounding_shift
+
 #: relative diagonal regularisation (see the module docstring); at least ``T·ε`` of the
 #: Gramian's dtype, so that one rounded in float32 is still positive definite
 EPSILON = 1e-12
@@ -85,10 +87,7 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))
     live = diagonal > 1e-12 * diagonal.max().clamp_min(0.0)  # numerically non-zero gradients
     eye = torch.eye(t, dtype=g.dtype, device=g.device)
-    # a Gramian rounded in float32 can be slightly indefinite (nearly opposite gradients): the
-    # shift also covers rounding at the precision the Gramian was computed in
-    shift = max(EPSILON, t * torch.finfo(gramian.dtype).eps)
-    a = g / mean + shift * eye
+    a = g / mean + max(EPSILON, rounding_shift(gramian)) * eye
     p = float(power)
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv

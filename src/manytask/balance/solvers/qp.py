@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from manytask.balance.solvers.precision import rounding_shift
+
 #: relative regularisation of the Newton systems (keeps them positive definite when ``A`` is
 #: singular on the free variables; it changes the step, not the fixed point)
 _REGULARIZATION = 1e-12
@@ -113,10 +115,7 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     a = a / scale
     b = b / scale
-    # a Gramian rounded in float32 can be slightly indefinite (nearly opposite gradients), which
-    # would make the problem unbounded: shift by T times the machine epsilon of its dtype
-    shift = t * torch.finfo(quadratic.dtype).eps
-    a = a + shift * torch.eye(t, dtype=a.dtype, device=a.device)
+    a = a + rounding_shift(quadratic) * torch.eye(t, dtype=a.dtype, device=a.device)
     return _interior_point(a, b, iterations)
 
 

@@ -1,0 +1,20 @@
+"""Tolerances the solvers share, tied to the precision a Gramian was computed in."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: eigenvalues of a Gramian at or below ``T · RANK_EPS · λ_max`` are treated as zero: the
+#: Jacobian is float32, and the Gramian carries its rounding
+RANK_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def rounding_shift(gramian: Tensor) -> float:
+    """``T`` times the machine epsilon of the Gramian's dtype.
+
+    Added to the diagonal of a Gramian scaled to unit mean diagonal, it makes positive definite
+    again one that rounding left slightly indefinite (a float32 Gramian of nearly opposite
+    gradients), which would otherwise leave the solvers' problems without a minimiser.
+    """
+    return gramian.shape[0] * float(torch.finfo(gramian.dtype).eps)
