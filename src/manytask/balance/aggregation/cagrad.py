@@ -27,8 +27,8 @@ Cityscapes runs use ``c = 0.4`` (the repository's ``run.sh``).
 
 Solver: the authors call SciPy's SLSQP from the uniform point; manytask follows the central path
 of a self-concordant barrier for the same problem (:mod:`manytask.balance.solvers.cagrad`,
-float64, fixed iteration count, no host synchronisation), on the Gramian divided by its mean
-diagonal. On random problems its directions are at least as good as those of torchjd's
+float64, no host synchronisation; two tasks in closed form), on the Gramian divided by its
+mean diagonal. On random problems its directions are at least as good as those of torchjd's
 cvxpy/Clarabel solution and LibMTL's SLSQP one (their worst-case improvement ``min_i g_iᵀd`` is
 never lower) and agree with them to about ``5e-5`` of the largest gradient norm, the accuracy
 of those solvers (``tests/test_method_cagrad.py``, ``tests/test_solvers_qp.py``).

@@ -18,7 +18,7 @@ conflict with none of them). By Proposition 1, :math:`\pi_J(J^\top u) = J^\top v
     d = J^\top w .
 
 The ``T`` small quadratic programs are solved by the interior-point method of
-:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64, fixed iteration count, no host
+:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64, all ``T`` in one batch, no host
 synchronisation), to the KKT accuracy of the float64 Gramian.
 
 Properties (those the paper proves for UPGrad): ``Jd ≥ 0`` (non-conflicting),

@@ -18,7 +18,8 @@ a second-order cone program once written with an epigraph variable :math:`s \ge 
 (Boyd and Vandenberghe, *Convex Optimization*, §11.3 and §11.6) with Newton steps in the
 tangent space of the simplex, each with a line search over the candidate lengths
 :math:`2^{-k}` evaluated together (the longest one that stays strictly feasible and decreases
-the barrier objective is taken). A fixed number of Newton steps replaces the stopping test;
+the barrier objective is taken). On accelerators a fixed number of Newton steps replaces the
+stopping test (on a CPU, see below);
 :math:`\tau` is multiplied by ``growth`` after every step taken from a well-centred point
 (Newton decrement :math:`\lambda^2 < 1/4`), up to ``final`` — so the iterates never leave the
 neighbourhood of the central path, where fixed stage lengths were seen to stall. Nothing reads
