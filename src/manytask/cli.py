@@ -96,6 +96,14 @@ def _list(console: Console, kind: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit status; under ``torchrun`` the process ends here."""
+    code = _run(argv)
+    if distributed.world_size() > 1:
+        distributed.exit_process(code)  # leaves the group; see exit_process for why
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     errors = Console(stderr=True, soft_wrap=True)
@@ -153,8 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted; continue later with --resume", highlight=False)
         return 130
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group before exiting
 
 
 if __name__ == "__main__":

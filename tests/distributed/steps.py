@@ -77,7 +77,7 @@ def main() -> None:
         run(name, options, out)
     if distributed.rank() == 0:
         (out / f"done-world{distributed.world_size()}.json").write_text(json.dumps(METHODS))
-    distributed.shutdown()
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":
