@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from manytask.config import validate_params
 from manytask.errors import UnknownNameError
 
-KINDS = ("balancer", "architecture", "encoder", "dataset", "metric")
+KINDS = ("balancer", "architecture", "encoder", "dataset", "metric", "merge_rule")
 
 T = TypeVar("T")
 

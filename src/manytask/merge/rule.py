@@ -1,0 +1,81 @@
+"""What a data-free merging rule is: a function of one tensor name, applied as the engine streams.
+
+A rule sees, for one tensor name at a time, the base model's tensor (``None`` for rules that need
+no base) and the task models' tensors, all in float32 on the CPU, and returns the merged tensor.
+The engine (:mod:`manytask.merge.engine`) reads the checkpoints lazily, calls the rule once per
+name, casts the result back to the base's dtype and writes it, so peak memory holds only
+``1 + len(models)`` tensors of one name at a time.
+
+Rules that need a model-wide quantity (MetaGPT's task-vector norms, EMR's rescalers) declare
+``two_pass = True``: the engine streams every tensor through :meth:`MergeRule.observe` first,
+then calls :meth:`MergeRule.merge_tensor` in a second pass. A rule may also return per-task
+side outputs (EMR's masks) by returning a :class:`Merged` with ``extras``.
+
+Randomness (DARE, DELLA …) uses only the ``generator`` passed in, seeded by the engine from the
+user's seed and the tensor name, so results never depend on order, threads or shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from manytask.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A merged tensor with optional side outputs: ``extras[output][...]`` is written to the
+    side checkpoint ``output`` under the same tensor name (e.g. EMR's per-task masks)."""
+
+    tensor: Tensor
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class MergeRule:
+    """Base class of data-free rules. Subclasses set the class attributes and implement
+    :meth:`merge_tensor` (and :meth:`observe` with ``two_pass = True``).
+
+    Constructor arguments are the rule's parameters (validated against the signature when built
+    from a config); each subclass documents its formula, its paper and where every default
+    comes from.
+    """
+
+    #: the rule takes the base model's tensors (task vectors are ``model - base``)
+    needs_base: ClassVar[bool] = True
+    #: bounds on the number of task models
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    #: the engine streams all tensors through :meth:`observe` before merging
+    two_pass: ClassVar[bool] = False
+
+    def check_models(self, count: int) -> None:
+        """Raise a :class:`ConfigError` when ``count`` task models do not suit this rule."""
+        name = type(self).__name__
+        if count < self.min_models:
+            raise ConfigError(f"{name} needs at least {self.min_models} task models, got {count}")
+        if self.max_models is not None and count > self.max_models:
+            raise ConfigError(f"{name} takes at most {self.max_models} task models, got {count}")
+
+    def observe(self, name: str, base: Tensor | None, models: Sequence[Tensor]) -> None:
+        """First pass of a two-pass rule: accumulate what the rule needs from tensor ``name``."""
+        raise NotImplementedError(f"{type(self).__name__} is not a two-pass rule")
+
+    def merge_tensor(
+        self,
+        name: str,
+        base: Tensor | None,
+        models: Sequence[Tensor],
+        generator: torch.Generator,
+    ) -> Tensor | Merged:
+        """The merged float32 tensor for ``name`` (same shape as the inputs)."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """Model-wide values worth reporting or saving beside the output (JSON-serialisable),
+        e.g. the coefficients a two-pass rule computed. Empty by default."""
+        return {}
