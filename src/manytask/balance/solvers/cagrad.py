@@ -31,10 +31,15 @@ included), and never below cvxpy/Clarabel's (``tests/test_solvers_qp.py``). On a
 reading a value costs no device synchronisation, the loop stops once a step from the final
 :math:`\tau` has a Newton decrement below ``1e-6``. Two tasks are solved in closed form
 (:func:`_pair`).
+
+On a CPU, :func:`_active_set` is tried first: on a support it solves the problem in closed form,
+and it accepts its answer only with a certificate of optimality; the barrier method is the
+fallback (degenerate Gramians) and the method on accelerators.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +75,102 @@ def _pair(g: Tensor, a: Tensor, r: Tensor) -> Tensor:
     end = torch.where(s > 0, torch.zeros_like(s), torch.ones_like(s))
     gamma = torch.where(interior, ((u - beta) / safe_alpha).clamp(0.0, 1.0), end)
     return torch.stack([gamma, 1.0 - gamma])
+
+
+#: relative tolerance of the active-set method's optimality certificate
+_KKT = 1e-9
+
+
+def _on_support(
+    g: np.ndarray, a: np.ndarray, r: float, support: np.ndarray
+) -> tuple[np.ndarray, bool] | None:
+    r"""The minimiser of :math:`a^\top w + r\sqrt{w^\top G w}` over the affine hull
+    :math:`\{w : \mathbf 1^\top w = 1,\ w_i = 0 \text{ off } S\}`, or a descent ray.
+
+    With :math:`x = G_S^{-1}\mathbf 1`, :math:`y = G_S^{-1} a_S`, :math:`p = \mathbf 1^\top x`,
+    :math:`q = \mathbf 1^\top y`, :math:`s = a_S^\top y`, stationarity
+    :math:`a_S + r G_S w/\rho = \mu\mathbf 1` (:math:`\rho = \sqrt{w^\top G w}`) gives
+    :math:`w \propto \mu x - y`, and the two constraints leave
+    :math:`\mu^2 p - 2\mu q + s = r^2`, whose root with :math:`\mu p > q` yields
+    :math:`w = (\mu x - y)/(\mu p - q)`. Without a real root (:math:`q^2 < p(s - r^2)`) the
+    objective is unbounded below on the hull and decreases monotonically along
+    :math:`d = (q/p)\,x - y` from any point; ``(d, False)`` is returned then, ``(w, True)``
+    otherwise, and ``None`` when :math:`G_S` is not positive definite.
+    """
+    g_s = g[np.ix_(support, support)]
+    try:
+        chol = np.linalg.cholesky(g_s)
+    except np.linalg.LinAlgError:
+        return None
+    rhs = np.stack([np.ones(len(support)), a[support]], axis=1)
+    xy = np.linalg.solve(chol.T, np.linalg.solve(chol, rhs))
+    x, y = xy[:, 0], xy[:, 1]
+    p, q, s = x.sum(), y.sum(), a[support] @ y
+    if not (np.isfinite(p) and p > 0):
+        return None
+    disc = q * q - p * (s - r * r)
+    if disc < 0:
+        return (q / p) * x - y, False
+    mu = (q + np.sqrt(disc)) / p
+    return (mu * x - y) / (mu * p - q), True
+
+
+def _active_set(gramian: Tensor, a: Tensor, radius: Tensor) -> Tensor | None:
+    r"""CAGrad's dual by a primal active-set method (in the manner of Lawson and Hanson's NNLS),
+    float64 on the host; ``None`` where it cannot certify its answer.
+
+    From the barycentre, each step moves towards the minimiser on the affine hull of the
+    current support (:func:`_on_support`) — or along its descent ray — as far as the simplex
+    allows, dropping the coordinates that reach zero; at a minimiser on the support, the
+    coordinate with the most negative reduced gradient is added. The objective decreases at
+    every step, so no support repeats. The answer is returned only if it satisfies the KKT
+    conditions to a relative ``1e-9``: :math:`\nabla_i = a_i + r (Gw)_i/\rho` equal to
+    :math:`\mu` on the support and at least :math:`\mu` off it. Zero in the hull of the
+    gradients (:math:`\rho = 0`, where the objective is not differentiable) and singular
+    :math:`G_S` give ``None``.
+    """
+    g = gramian.cpu().numpy()
+    av = a.cpu().numpy()
+    r = float(radius)
+    t = g.shape[0]
+    w = np.full(t, 1.0 / t)
+    support = np.ones(t, dtype=bool)
+    scale = max(float(np.abs(av).max()), r * float(np.sqrt(np.abs(np.diag(g)).max())), 1e-300)
+    for _ in range(4 * t):
+        index = np.flatnonzero(support)
+        found = _on_support(g, av, r, index)
+        if found is None:
+            return None
+        target, bounded = found
+        step = target - w[index] if bounded else target
+        shrinking = step < 0
+        limit = w[index][shrinking] / -step[shrinking] if shrinking.any() else np.array([])
+        if bounded and (limit.size == 0 or limit.min() >= 1.0):
+            w[index] = target  # the minimiser on this support is feasible
+            rho = float(np.sqrt(max(w @ g @ w, 0.0)))
+            if rho <= 1e-12 * np.sqrt(max(np.abs(np.diag(g)).max(), 1e-300)):
+                return None
+            gradient = av + r * (g @ w) / rho
+            mu = float(gradient[index].mean())
+            off = ~support
+            if not off.any() or gradient[off].min() >= mu - _KKT * scale:
+                if np.abs(gradient[index] - mu).max() > 1e3 * _KKT * scale:
+                    return None
+                return torch.from_numpy(w).to(gramian.device)
+            support[np.flatnonzero(off)[np.argmin(gradient[off])]] = True
+            continue
+        if limit.size == 0:
+            return None  # an unbounded ray inside the simplex: cannot happen unless degenerate
+        alpha = float(limit.min())
+        w[index] = w[index] + alpha * step
+        hit = index[shrinking][limit <= alpha * (1 + 1e-12)]
+        w[hit] = 0.0
+        support[hit] = False
+        if not support.any():
+            return None
+        w[index] = np.clip(w[index], 0.0, None)
+        w /= w.sum()
+    return None
 
 
 def _change(
@@ -116,20 +217,35 @@ def cagrad_dual(
 
     ``gramian`` should be scaled to entries of order one (the caller divides by the mean
     diagonal); ``radius`` is a non-negative scalar tensor in the same units (``c·‖g₀‖``).
+    One task: ``w = 1``; two: :func:`_pair`; on a CPU, :func:`_active_set` where it certifies
+    its answer; otherwise the barrier method (:func:`_barrier`, with ``iterations``,
+    ``growth`` and ``final``).
     """
     g = gramian.double()
     g = 0.5 * (g + g.T)
     t = g.shape[0]
-    device, dtype = g.device, g.dtype
     if t == 1:
-        return torch.ones(1, dtype=dtype, device=device)
-    n = t - 1
+        return torch.ones(1, dtype=g.dtype, device=g.device)
     a = g.sum(dim=1) / t
     if t == 2:
         return _pair(g, a, radius.double())
+    if g.device.type == "cpu" and float(radius) > 0:
+        exact = _active_set(g, a, radius.double())
+        if exact is not None:
+            return exact
+    return _barrier(g, a, radius.double(), iterations, growth, final)
+
+
+def _barrier(
+    g: Tensor, a: Tensor, radius: Tensor, iterations: int, growth: float, final: float
+) -> Tensor:
+    """The barrier method of the module docstring on a symmetric float64 Gramian (T ≥ 3)."""
+    t = g.shape[0]
+    device, dtype = g.device, g.dtype
+    n = t - 1
     # r = 0 (plain averaging) makes the epigraph variable unbounded; a tiny floor keeps the
     # barrier problem bounded and changes the weights by nothing measurable
-    r = radius.double().clamp_min(1e-12)
+    r = radius.clamp_min(1e-12)
     w = torch.full((t,), 1.0 / t, dtype=dtype, device=device)
     s = torch.sqrt((w @ g @ w).clamp_min(0.0)) + 1.0
     lengths = 0.5 ** torch.arange(_LINE_SEARCH, dtype=dtype, device=device)
