@@ -17,9 +17,11 @@ conflict with none of them). By Proposition 1, :math:`\pi_J(J^\top u) = J^\top v
     w = \frac1T \sum_{i=1}^T v_i, \qquad v_i = \arg\min_{v \ge e_i} v^\top G v, \qquad
     d = J^\top w .
 
-The ``T`` small quadratic programs are solved by the interior-point method of
-:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64, all ``T`` in one batch, no host
-synchronisation), to the KKT accuracy of the float64 Gramian.
+The ``T`` small quadratic programs are solved by
+:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64) to the KKT accuracy of the
+float64 Gramian: on a CPU by an active-set method with a KKT certificate, otherwise (and for the
+problems it cannot certify) by an interior-point method, all ``T`` in one batch without host
+synchronisation.
 
 Properties (those the paper proves for UPGrad): ``Jd ≥ 0`` (non-conflicting),
 ``A(cJ) = cA(J)`` (homogeneous) and independent of the task order.

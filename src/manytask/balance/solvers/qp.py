@@ -22,6 +22,12 @@ the directions agree with quadprog's to ``1e-8`` of the largest gradient norm wh
 itself accurate (``tests/test_solvers_qp.py``). Unlike projected-gradient methods, the
 iteration count does not grow with the condition number of ``A``.
 
+On a CPU each problem is first solved by a primal active-set method (:func:`_active_set`, the
+scheme of Lawson and Hanson's NNLS with the exact minimiser on each support): a handful of
+small Cholesky solves instead of ~20 Newton iterations. Its answer is kept only when it
+satisfies the KKT conditions to ``1e-12``; the interior-point method solves the problems it
+cannot certify (a singular ``A`` on the support) and all problems on accelerators.
+
 :func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
 (Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
 :math:`J^\top v` with :math:`v = \arg\min_{v \ge u} v^\top G v`.
@@ -29,6 +35,7 @@ iteration count does not grow with the condition number of ``A``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +47,58 @@ _REGULARIZATION = 1e-12
 #: on a CPU the iteration stops once the dual residual and the complementarity ``zᵢsᵢ`` are
 #: below this (the problem is scaled to a unit mean diagonal); elsewhere it runs its fixed count
 _TOLERANCE = 1e-14
+
+
+#: the active-set answer is kept when its KKT residuals are below this, relative to ``max|b|``
+_CERTIFIED = 1e-12
+
+
+def _active_set(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """``argmin_{z ≥ 0} ½ zᵀAz + bᵀz`` by a primal active-set method, or ``None``.
+
+    From ``z = 0``, the coordinate with the most negative gradient joins the support ``S``;
+    the minimiser of the problem restricted to ``S`` (``A_SS z_S = −b_S``) is taken when it is
+    positive, and otherwise approached as far as ``z ≥ 0`` allows, the coordinates that reach
+    zero leaving ``S``. The objective decreases strictly, so no support repeats. ``None`` when
+    some ``A_SS`` is not positive definite or the result misses the KKT conditions
+    (``z ≥ 0``, ``∇ = Az + b ≥ 0``, ``∇_S = 0``) by more than ``1e-12·max(1, max|b|)``.
+    """
+    t = b.shape[0]
+    tol = _CERTIFIED * max(1.0, float(np.abs(b).max()))
+    z = np.zeros(t)
+    support = np.zeros(t, dtype=bool)
+    gradient = b.copy()
+    for _ in range(3 * t + 1):
+        off = np.flatnonzero(~support)
+        if off.size == 0 or gradient[off].min() >= -tol:
+            on = np.flatnonzero(support)
+            if on.size and np.abs(gradient[on]).max() > tol:
+                return None
+            return z
+        support[off[np.argmin(gradient[off])]] = True
+        while True:
+            on = np.flatnonzero(support)
+            block = a[np.ix_(on, on)]
+            try:
+                np.linalg.cholesky(block)
+            except np.linalg.LinAlgError:
+                return None
+            target = np.linalg.solve(block, -b[on])
+            if (target > 0).all():
+                z[:] = 0.0
+                z[on] = target
+                break
+            current = z[on]
+            falling = target <= 0
+            alpha = float((current[falling] / (current[falling] - target[falling])).min())
+            z[on] = current + alpha * (target - current)
+            leaving = on[falling & (z[on] <= tol * 1e-3)]
+            if leaving.size == 0:
+                leaving = on[falling][np.argmin(z[on][falling])]
+            z[leaving] = 0.0
+            support[leaving] = False
+        gradient = a @ z + b
+    return None
 
 
 def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
@@ -103,8 +162,8 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
 
     The problem must be bounded below (true for every use here). When ``A`` is singular the
     minimiser need not be unique; the iterates approach the centre of the set of minimisers.
-    Several problems are solved as one batch (one batched ``solve_ex`` per Newton system): on
-    a quiet 2-core CPU this is 7–9× faster than a loop over the problems for 10–40 tasks.
+    On a CPU each problem goes to :func:`_active_set` first; the others are solved as one
+    batch (one batched ``solve_ex`` per Newton system of the interior-point method).
     """
     a = quadratic.double()
     a = 0.5 * (a + a.T)
@@ -116,7 +175,19 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     a = a / scale
     b = b / scale
     a = a + rounding_shift(quadratic) * torch.eye(t, dtype=a.dtype, device=a.device)
-    return _interior_point(a, b, iterations)
+    if a.device.type != "cpu":
+        return _interior_point(a, b, iterations)
+    columns = b.reshape(t, -1)
+    a_np, b_np = a.numpy(), columns.numpy()
+    solved = [_active_set(a_np, b_np[:, k]) for k in range(columns.shape[1])]
+    result = torch.empty_like(columns)
+    hard = [k for k, z in enumerate(solved) if z is None]
+    for k, z in enumerate(solved):
+        if z is not None:
+            result[:, k] = torch.from_numpy(z)
+    if hard:
+        result[:, hard] = _interior_point(a, columns[:, hard], iterations)
+    return result.reshape(b.shape)
 
 
 def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) -> Tensor:
