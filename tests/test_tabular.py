@@ -61,6 +61,9 @@ def test_numeric_features_are_standardised_with_training_rows_only():
     assert torch.allclose(bundle.train.inputs[:, col], torch.tensor((train_x - mean) / std).float())
     assert bundle.val.inputs[0, col].item() == pytest.approx((1000.0 - mean) / std, rel=1e-6)
     assert bundle.test.inputs[0, col].item() == pytest.approx((-500.0 - mean) / std, rel=1e-6)
+    # the statistics a model needs for new rows are kept (they go into summary.json)
+    assert bundle.info["encoding"]["x"] == pytest.approx({"mean": mean, "std": std})
+    assert "encoding (in summary.json)" in bundle.describe() or "encoding {" in bundle.describe()
 
 
 def test_regression_targets_are_standardised_with_labelled_training_rows_only():
@@ -79,6 +82,7 @@ def test_categories_come_from_training_rows_and_unseen_or_missing_get_the_reserv
     assert bundle.train.inputs[:, col].tolist() == [1.0, 0.0, 1.0, 0.0]  # blue 0, red 1
     assert bundle.val.inputs[0, col].item() == 2.0  # unseen 'green' → reserved code n = 2
     assert bundle.test.inputs[0, col].item() == 2.0  # missing → the same reserved code
+    assert bundle.info["encoding"]["color"] == {"categories": ["blue", "red"]}  # code order
     # the input layer reads the reserved code as the last embedding row of the column
     layer = TabularInput(bundle.columns, embedding_dim=2)
     assert layer.limits.tolist() == [2]

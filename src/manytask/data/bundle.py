@@ -29,12 +29,15 @@ class DatasetBundle:
     columns: Columns | None = None
 
     def describe(self) -> str:
-        """One line: split sizes, tasks and the facts in ``info``."""
+        """One line: split sizes, tasks and the facts in ``info`` (a long fact is only named:
+        the run's ``summary.json`` holds it)."""
         parts = [
             f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}",
             f"tasks {', '.join(self.tasks.names)}",
         ]
         for key, value in self.info.items():
-            if key != "sizes":
-                parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+            if key == "sizes":
+                continue
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            parts.append(f"{key} {text}" if len(text) <= 80 else f"{key} (in summary.json)")
         return "; ".join(parts)

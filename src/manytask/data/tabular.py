@@ -523,7 +523,7 @@ def tabular_bundle(
         frame, target_columns, features, categorical or (), exclude or (), split_column
     )
     rows = split_rows(frame, split_column, fractions, seed)
-    inputs, layout, _stats = encode_features(frame, plan, rows["train"], missing_indicators)
+    inputs, layout, encoding = encode_features(frame, plan, rows["train"], missing_indicators)
     tensors: dict[str, torch.Tensor] = {}
     tasks: list[Task] = []
     coverage: dict[str, float] = {}
@@ -558,6 +558,9 @@ def tabular_bundle(
     info["label_coverage"] = coverage
     info["numeric"] = list(layout.numeric)
     info["categorical"] = {name: size for name, size in layout.categorical}
+    # what a model trained on this table expects of new rows: every numeric column's training
+    # mean and std, every categorical column's categories in code order (the summary keeps it)
+    info["encoding"] = encoding
     if scales:
         info["target_scale"] = scales
     if classes:
