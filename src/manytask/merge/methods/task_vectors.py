@@ -1,0 +1,63 @@
+r"""Task vectors and per-model weights, shared by the rules of :mod:`manytask.merge.methods`.
+
+A task vector is the change fine-tuning made to the base, :math:`\tau_t = \theta_t - \theta_0`
+(Ilharco et al., "Editing Models with Task Arithmetic", arXiv:2212.04089). The rules stack the
+task vectors of one tensor name as a ``(T, *shape)`` tensor, one row per task model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from manytask.merge.methods.param_checks import check_count, check_numbers
+from manytask.merge.rule import MergeRule
+
+
+def base_and_vectors(base: Tensor | None, models: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The base tensor and the ``(T, *shape)`` stack of its task vectors
+    :math:`\\tau_t = \\theta_t - \\theta_0` (one allocation of ``T`` tensors)."""
+    if base is None:
+        raise ValueError("a task-vector rule needs the base model's tensor; base is None")
+    return base, torch.stack(list(models)).sub_(base)
+
+
+def weighted_sum(vectors: Tensor, weights: Tensor | None = None) -> Tensor:
+    """:math:`\\sum_t w_t v_t` over the first axis (plain sum when ``weights`` is None)."""
+    if weights is None:
+        return vectors.sum(dim=0)
+    summed: Tensor = torch.tensordot(weights.to(vectors.dtype), vectors, dims=([0], [0]))
+    return summed
+
+
+class WeightedRule(MergeRule):
+    """A rule with optional per-model weights (``weights``, one float per task model).
+
+    Subclasses set :attr:`rule_name` (the registered name, used in error messages) and
+    :attr:`positive_weights` (rules that elect signs or take means need weights > 0).
+    """
+
+    rule_name: ClassVar[str] = ""
+    positive_weights: ClassVar[bool] = False
+
+    def __init__(self, weights: Sequence[float] | None = None) -> None:
+        self.weights: tuple[float, ...] | None = (
+            None
+            if weights is None
+            else check_numbers(self.rule_name, "weights", weights, positive=self.positive_weights)
+        )
+
+    def check_models(self, count: int) -> None:
+        super().check_models(count)
+        if self.weights is not None:
+            check_count(self.rule_name, "weights", self.weights, count)
+
+    def weight_tensor(self, count: int) -> Tensor | None:
+        """The weights as a ``(T,)`` float32 tensor, or None when none were given."""
+        if self.weights is None:
+            return None
+        check_count(self.rule_name, "weights", self.weights, count)
+        return torch.tensor(self.weights, dtype=torch.float32)
