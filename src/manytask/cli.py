@@ -1,4 +1,4 @@
-"""The ``manytask`` command line: train, compare, list.
+"""The ``manytask`` command line: train, compare, merge, list.
 
 Errors caused by input (an unknown key, method or path, a value of the wrong type …) are printed
 as one short message without a traceback, and the command exits with status 2. A run that
@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
-from manytask import __version__, distributed, registry
+from manytask import __version__, distributed, merge, registry
 from manytask.config import load_config
 from manytask.errors import ManytaskError, NonFiniteLossError
 from manytask.evaluate.leaderboard import Leaderboard
@@ -25,17 +26,18 @@ LIST_KINDS = {
     "encoders": "encoder",
     "datasets": "dataset",
     "metrics": "metric",
+    "merge_rules": "merge_rule",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="manytask", description="Multi-task learning: train, balance, compare."
+        prog="manytask", description="Multi-task learning: train, balance, compare, merge."
     )
     parser.add_argument("--version", action="version", version=f"manytask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def config_arguments(p: argparse.ArgumentParser, example: str) -> None:
         p.add_argument("config", help="YAML config file")
         p.add_argument(
             "--set",
@@ -43,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+            help=f"override a config value, e.g. --set {example} (repeatable)",
         )
+
+    def common(p: argparse.ArgumentParser) -> None:
+        config_arguments(p, "train.epochs=3")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -68,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated architectures to run every method on, e.g. shared_bottom,mmoe,ple "
         "(default: the config's model); baselines use the config's model",
     )
+
+    merging = sub.add_parser(
+        "merge", help="merge task models into one checkpoint, streamed tensor by tensor"
+    )
+    config_arguments(merging, "params.density=0.3")
+    merging.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the inputs, print the plan and a memory estimate; write nothing",
+    )
+    merging.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merging.add_argument("--quiet", action="store_true", help="no progress bar")
 
     listing = sub.add_parser("list", help="registered methods, architectures, datasets, metrics")
     listing.add_argument("kind", nargs="?", choices=sorted(LIST_KINDS), help="only this kind")
@@ -95,6 +112,38 @@ def _list(console: Console, kind: str | None) -> None:
         console.print(table)
 
 
+def _merge(console: Console, args: argparse.Namespace) -> int:
+    config = merge.load_merge_config(args.config, args.overrides)
+    if args.dry_run:
+        plan = merge.plan(**config.merge_kwargs())
+        console.print(plan.to_text(), highlight=False, soft_wrap=True)
+        return 0
+    with Progress(transient=True, disable=args.quiet) as progress:
+        bar = progress.add_task(f"merging with {config.rule}", total=None)
+        try:
+            result = merge.merge(
+                **config.merge_kwargs(),
+                overwrite=args.overwrite,
+                on_tensor=lambda done, total: progress.update(bar, completed=done, total=total),
+                config=config.to_dict(),
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            print("interrupted; no output was written", file=sys.stderr)
+            return 130
+    summary = result.summary
+    console.print(
+        f"merged {summary['merged_tensors']} tensors ({summary['parameters']:,} parameters, "
+        f"{summary['copied_tensors']} copied) with {summary['rule']} in "
+        f"{summary['seconds']['total_seconds']:.1f} s",
+        highlight=False,
+    )
+    console.print(
+        f"output: {result.output} (report: {result.output / 'report.md'})", highlight=False
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit status; under ``torchrun`` the process ends here."""
     code = _run(argv)
@@ -116,6 +165,8 @@ def _run(argv: Sequence[str] | None) -> int:
         if args.command == "list":
             _list(console, args.kind)
             return 0
+        if args.command == "merge":
+            return _merge(console, args)
         if args.overwrite and args.resume:
             raise ManytaskError("--overwrite and --resume exclude each other; choose one")
         config = load_config(args.config, args.overrides)
