@@ -30,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from manytask.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section that refuses unknown keys and checks assignments."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -51,14 +53,14 @@ class SchedulerConfig(ComponentConfig):
     interval: Literal["epoch", "step"] = "epoch"
 
 
-class EarlyStoppingConfig(_Strict):
+class EarlyStoppingConfig(StrictModel):
     """Stop when the selection score has not improved for ``patience`` evaluations."""
 
     patience: int = Field(ge=1)
     min_delta: float = Field(default=0.0, ge=0.0)
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     """Overrides of one task's defaults (the dataset defines the tasks)."""
 
     metrics: list[str] | None = None
@@ -66,7 +68,7 @@ class TaskConfig(_Strict):
     loss: str | None = None
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=256, ge=1)
     eval_batch_size: int = Field(default=1024, ge=1)
@@ -85,12 +87,12 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     dir: Path = Path("runs")
     name: str | None = None
 
 
-class Config(_Strict):
+class Config(StrictModel):
     """One experiment: data, model, tasks, balancer, optimizer, training and run directory."""
 
     name: str = "experiment"
@@ -208,7 +210,8 @@ def format_validation_error(
     return "\n".join(lines)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file; a missing file or another shape is a ConfigError."""
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -257,7 +260,7 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> Config:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config, apply ``--set`` overrides and validate it."""
     path = Path(path)
-    data = apply_overrides(_read_yaml(path), overrides)
+    data = apply_overrides(read_yaml(path), overrides)
     return parse_config(data, where=f"'{path}'")
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from manytask.config import _read_yaml, _Strict, apply_overrides, format_validation_error
+from manytask.config import StrictModel, apply_overrides, format_validation_error, read_yaml
 from manytask.errors import ConfigError
 from manytask.merge.io import default_model_name
 
@@ -68,14 +68,14 @@ def parse_size(value: int | str, key: str = "max_shard_size") -> int:
     return size
 
 
-class ModelEntry(_Strict):
+class ModelEntry(StrictModel):
     """One task model: a name (used in the report) and a checkpoint path."""
 
     name: str = Field(min_length=1)
     path: Path
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     """Where and how the merged checkpoint is written."""
 
     dir: Path | None = Field(default=None, description="default: runs/<name>")
@@ -83,7 +83,7 @@ class OutputConfig(_Strict):
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # checked by parse_merge_config
 
 
-class MergeConfig(_Strict):
+class MergeConfig(StrictModel):
     """One merge: base, task models, rule and parameters, seed and output."""
 
     name: str = "merge"
@@ -158,5 +158,5 @@ def parse_merge_config(data: dict[str, Any], where: str = "merge config") -> Mer
 def load_merge_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> MergeConfig:
     """Load a YAML merge config, apply ``--set`` overrides and validate it."""
     path = Path(path)
-    data = apply_overrides(_read_yaml(path), overrides)
+    data = apply_overrides(read_yaml(path), overrides)
     return parse_merge_config(data, where=f"'{path}'")
