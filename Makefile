@@ -18,7 +18,7 @@ PEERS := libmtl==1.1.5 torchjd==0.18.0 torch-rechub==0.9.0
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,plots,peers,tabular]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plots,peers,tabular,hf]'
 	$(BIN)/python -m pip install --quiet --no-deps $(PEERS)
 	touch $(STAMP)
 
