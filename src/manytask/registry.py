@@ -14,7 +14,16 @@ from typing import Any, TypeVar
 from manytask.config import validate_params
 from manytask.errors import UnknownNameError
 
-KINDS = ("balancer", "architecture", "encoder", "dataset", "metric", "merge_rule")
+KINDS = (
+    "balancer",
+    "architecture",
+    "encoder",
+    "dataset",
+    "metric",
+    "merge_rule",
+    "adapter",
+    "sampler",
+)
 
 T = TypeVar("T")
 
