@@ -33,7 +33,6 @@ is drawn, the data's order decides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor
 
 from manytask.errors import ConfigError
-from manytask.merge.fitted.base import Factory, FittedRule, StateDict, logits_of, module_device
+from manytask.merge.fitted.base import Experts, FittedRule, logits_of, module_device
 from manytask.merge.fitted.batches import cycle
 from manytask.registry import register
 
@@ -81,17 +80,9 @@ class AdaMerging(FittedRule):
         self.layers: tuple[str, ...] = ()
         self.entropy: list[float] = []
 
-    def fit(
-        self,
-        factory: Factory,
-        models: Sequence[StateDict],
-        data: Sequence[Iterable[Any]],
-        *,
-        base: StateDict | None = None,
-        cache: str | Path | None = None,
-        seed: int = 0,
+    def fit_experts(
+        self, experts: Experts, cache: str | Path | None, seed: int
     ) -> dict[str, Tensor]:
-        experts = self.experts(factory, models, data, base, cache)
         assert experts.base is not None  # checked by experts()
         first = experts.create(0)
         experts.check(0, first)
@@ -105,9 +96,7 @@ class AdaMerging(FittedRule):
             k: torch.stack([m[k].to(device, own[k].dtype) for m in experts.models]) - theta0[k]
             for k in keys
         }
-        modules = [experts.build(0, theta0, share=True, module=first)] + [
-            experts.build(i, theta0, share=True) for i in range(1, experts.count)
-        ]
+        modules = experts.build_shared(theta0, first)
         shape = (experts.count,) if self.granularity == "task" else (len(keys), experts.count)
         raw = torch.full(shape, self.init, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([raw], lr=self.lr, betas=(0.9, 0.999))

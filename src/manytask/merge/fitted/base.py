@@ -21,7 +21,6 @@ Merged tensors come back in the dtype of ``models`` and on the device of the fac
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -153,6 +152,14 @@ class Experts:
         module.requires_grad_(False)
         return module
 
+    def build_shared(self, state: StateDict, first: nn.Module) -> list[nn.Module]:
+        """Every task's model (task 0's is ``first``, a model ``factory(0)`` built already)
+        holding references to the tensors of ``state``, for a rule that evaluates every task on
+        the same merged tensors."""
+        return [self.build(0, state, share=True, module=first)] + [
+            self.build(i, state, share=True) for i in range(1, self.count)
+        ]
+
     def check(self, task: int, module: nn.Module, tensors: StateDict | None = None) -> None:
         """Raise a :class:`ConfigError` unless ``module`` (built by ``factory(task)``) has every
         tensor of ``tensors`` (task ``task``'s by default) under the same name and shape."""
@@ -189,7 +196,7 @@ def logits_of(output: Any, rule: str, task: int, *, ndim: int | None = None) -> 
     return output
 
 
-class FittedRule(ABC):
+class FittedRule:
     """Base class of the rules that need data. Constructor arguments are the rule's
     parameters (validated against the signature when built from a config); :meth:`fit` merges.
 
@@ -205,7 +212,6 @@ class FittedRule(ABC):
     #: the registered name, used in messages
     name: ClassVar[str] = ""
 
-    @abstractmethod
     def fit(
         self,
         factory: Factory,
@@ -217,7 +223,16 @@ class FittedRule(ABC):
         seed: int = 0,
     ) -> dict[str, Tensor] | nn.Module:
         """Merge ``models`` (see the module docstring for the arguments); ``cache`` is a folder
-        for reusable statistics, ``seed`` seeds the rule's random draws."""
+        for reusable statistics, ``seed`` seeds the rule's random draws. The arguments are
+        checked by :meth:`experts`, then :meth:`fit_experts` merges."""
+        return self.fit_experts(self.experts(factory, models, data, base, cache), cache, seed)
+
+    def fit_experts(
+        self, experts: Experts, cache: str | Path | None, seed: int
+    ) -> dict[str, Tensor] | nn.Module:
+        """Merge the checked inputs of :meth:`fit`; rules override this (or :meth:`fit` itself,
+        when they take more arguments)."""
+        raise NotImplementedError(f"{type(self).__name__} merges in fit()")
 
     def summary(self) -> dict[str, Any]:
         """Values worth reporting beside the merged model (JSON-serialisable); e.g. the

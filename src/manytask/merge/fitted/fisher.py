@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from manytask.errors import ConfigError
-from manytask.merge.fitted.base import Factory, StateDict, average, logits_of, module_device
+from manytask.merge.fitted.base import Experts, StateDict, average, logits_of, module_device
 from manytask.merge.fitted.batches import Inputs
 from manytask.merge.fitted.cache import Statistics
 from manytask.merge.fitted.statistics import StatisticsRule
@@ -205,17 +205,9 @@ class FisherMerging(StatisticsRule):
             count += inputs.size
         return Statistics({k: v / count for k, v in sums.items()}, {"examples": count})
 
-    def fit(
-        self,
-        factory: Factory,
-        models: Sequence[StateDict],
-        data: Sequence[Iterable[Any]],
-        *,
-        base: StateDict | None = None,
-        cache: str | Path | None = None,
-        seed: int = 0,
+    def fit_experts(
+        self, experts: Experts, cache: str | Path | None, seed: int
     ) -> dict[str, Tensor]:
-        experts = self.experts(factory, models, data, base, cache)
         weights = self.weights or [1.0] * experts.count
         if len(weights) != experts.count:
             raise ConfigError(

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from manytask.errors import ConfigError
-from manytask.merge.fitted.base import Factory, StateDict, average, module_device
+from manytask.merge.fitted.base import Experts, average, module_device
 from manytask.merge.fitted.batches import Inputs
 from manytask.merge.fitted.cache import Statistics
 from manytask.merge.fitted.statistics import StatisticsRule
@@ -153,17 +153,9 @@ class RegMean(StatisticsRule):
                 handle.remove()
         return Statistics(grams, {"examples": count, "rows": rows})
 
-    def fit(
-        self,
-        factory: Factory,
-        models: Sequence[StateDict],
-        data: Sequence[Iterable[Any]],
-        *,
-        base: StateDict | None = None,
-        cache: str | Path | None = None,
-        seed: int = 0,
+    def fit_experts(
+        self, experts: Experts, cache: str | Path | None, seed: int
     ) -> dict[str, Tensor]:
-        experts = self.experts(factory, models, data, base, cache)
         grams = [s.tensors for s in self.statistics(experts, cache, seed)]
         merged: dict[str, Tensor] = {}
         for key in experts.keys:

@@ -11,7 +11,7 @@ differ (a shuffling loader) a warning says that such data can never hit the cach
 from __future__ import annotations
 
 import warnings
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +25,7 @@ from manytask.merge.fitted.batches import Inputs, is_one_shot, take
 from manytask.merge.fitted.cache import DataDigest, Statistics, StatisticsCache, module_fingerprint
 
 
-class StatisticsRule(FittedRule):
+class StatisticsRule(FittedRule, ABC):
     """A fitted rule whose data enter only through a per-task statistic of ``num_examples``
     examples. Subclasses implement :meth:`compute` and :meth:`statistic_settings`."""
 

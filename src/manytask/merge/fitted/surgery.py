@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from manytask import registry
 from manytask.errors import ConfigError
 from manytask.merge.engine import merge_state_dicts
-from manytask.merge.fitted.base import Factory, FittedRule, StateDict, module_device
+from manytask.merge.fitted.base import Experts, Factory, FittedRule, StateDict, module_device
 from manytask.merge.fitted.batches import Inputs, cycle
 
 
@@ -209,7 +209,7 @@ class RepresentationSurgery(FittedRule):
         """Train the surgery of every task; ``merged`` is the merged state dict (else the rule
         named by ``merge`` computes it from the same arguments)."""
         experts = self.experts(factory, models, data, None, None)
-        merged = self._merged(factory, models, data, base, cache, seed, merged)
+        merged = self._merged(experts, base, cache, seed, merged)
         if set(merged) != set(experts.keys):
             raise ConfigError(
                 "surgery: merged must hold exactly the tensor names of the task models "
@@ -221,9 +221,7 @@ class RepresentationSurgery(FittedRule):
         device = module_device(first)
         own = first.state_dict()
         shared = {k: merged[k].to(device, own[k].dtype) for k in experts.keys}
-        modules = [experts.build(0, shared, share=True, module=first)] + [
-            experts.build(i, shared, share=True) for i in range(1, experts.count)
-        ]
+        modules = experts.build_shared(shared, first)
         targets = [{k: m[k].to(device, own[k].dtype) for k in experts.keys} for m in experts.models]
         streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
         pending = [next(s).to(device) for s in streams]
@@ -259,14 +257,14 @@ class RepresentationSurgery(FittedRule):
 
     def _merged(
         self,
-        factory: Factory,
-        models: Sequence[StateDict],
-        data: Sequence[Iterable[Any]],
+        experts: Experts,
         base: StateDict | None,
         cache: str | Path | None,
         seed: int,
         merged: StateDict | None,
     ) -> StateDict:
+        """``merged``, or what the rule named by :attr:`merge` makes of the task models and data
+        of ``experts`` with ``base``, ``cache`` and ``seed``."""
         if merged is not None:
             if self.merge is not None:
                 raise ConfigError(
@@ -292,10 +290,14 @@ class RepresentationSurgery(FittedRule):
                     f"surgery: merge={self.merge!r} is data-free and computes no statistics "
                     "to cache; drop cache=..."
                 )
-            return merge_state_dicts(base, models, self.merge, params=self.merge_params, seed=seed)
+            return merge_state_dicts(
+                base, experts.models, self.merge, params=self.merge_params, seed=seed
+            )
         inner = registry.call_with_params("merge_rule", self.merge, self.merge_params)
         self.inner = inner
-        result = inner.fit(factory, models, data, base=base, cache=cache, seed=seed)
+        result = inner.fit(
+            experts.factory, experts.models, experts.data, base=base, cache=cache, seed=seed
+        )
         if not isinstance(result, dict):
             raise ConfigError(f"surgery: merge={self.merge!r} did not return a state dict")
         return result

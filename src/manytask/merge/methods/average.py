@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from manytask.merge.methods.task_vectors import WeightedRule, weighted_sum
+from manytask.merge.methods.combine import combine
+from manytask.merge.methods.task_vectors import WeightedRule
 from manytask.registry import register
 
 
@@ -50,7 +51,4 @@ class WeightAverage(WeightedRule):
         generator: torch.Generator,
     ) -> Tensor:
         weights = self.weight_tensor(len(models))
-        stacked = torch.stack(list(models))
-        if weights is None:
-            return stacked.mean(dim=0)
-        return weighted_sum(stacked, weights).div_(weights.sum())
+        return combine(torch.stack(list(models)), weights, "mean")

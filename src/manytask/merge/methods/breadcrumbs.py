@@ -28,23 +28,13 @@ ranges :math:`d \in [0.05, 0.2]`, :math:`\gamma \in [0.001, 0.01]`, :math:`\lamb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
+from manytask.merge.methods.combine import SparseTaskVectorRule
 from manytask.merge.methods.param_checks import check_fraction, check_range
-from manytask.merge.methods.signs import disjoint_mean, elect_sign
 from manytask.merge.methods.sparsify import magnitude_band_mask
-from manytask.merge.methods.task_vectors import WeightedRule, base_and_vectors, weighted_sum
 from manytask.registry import register
-
-
-def _check_band(rule: str, density: float, gamma: float) -> tuple[float, float]:
-    kept = check_fraction(rule, "density", density)
-    top = check_range(rule, "gamma", gamma, 0.0, 1.0, high_open=True)
-    check_range(rule, "density + gamma", kept + top, 0.0, 1.0)
-    return kept, top
 
 
 @register(
@@ -53,7 +43,7 @@ def _check_band(rule: str, density: float, gamma: float) -> tuple[float, float]:
     "Model Breadcrumbs: drop top-γ outliers and small changes, add the rest (Davari & "
     "Belilovsky, 2023, arXiv:2312.06795)",
 )
-class Breadcrumbs(WeightedRule):
+class Breadcrumbs(SparseTaskVectorRule):
     """Model Breadcrumbs.
 
     Args:
@@ -74,21 +64,14 @@ class Breadcrumbs(WeightedRule):
         scale: float = 0.2,
         weights: list[float] | None = None,
     ) -> None:
-        super().__init__(weights)
-        self.density, self.gamma = _check_band(self.rule_name, density, gamma)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
+        super().__init__(scale, weights)
+        self.density = check_fraction(self.rule_name, "density", density)
+        self.gamma = check_range(self.rule_name, "gamma", gamma, 0.0, 1.0, high_open=True)
+        check_range(self.rule_name, "density + gamma", self.density + self.gamma, 0.0, 1.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        masked = vectors.mul_(magnitude_band_mask(vectors, self.density, self.gamma))
-        merged = weighted_sum(masked, self.weight_tensor(len(models)))
-        return merged.mul_(self.scale).add_(base)
+    def sparsify(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
+        """The Breadcrumbs mask: the band of density d under the top-γ magnitudes."""
+        return vectors.mul_(magnitude_band_mask(vectors, self.density, self.gamma))
 
 
 @register(
@@ -97,7 +80,7 @@ class Breadcrumbs(WeightedRule):
     "Breadcrumbs masks, then TIES sign election and disjoint mean (mergekit variant of "
     "Davari & Belilovsky, 2023, arXiv:2312.06795)",
 )
-class BreadcrumbsTies(WeightedRule):
+class BreadcrumbsTies(Breadcrumbs):
     """Model Breadcrumbs masks followed by TIES's sign election and disjoint mean.
 
     Args:
@@ -108,7 +91,7 @@ class BreadcrumbsTies(WeightedRule):
     """
 
     rule_name = "breadcrumbs_ties"
-    positive_weights = True
+    combine_mode = "ties"
 
     def __init__(
         self,
@@ -117,19 +100,4 @@ class BreadcrumbsTies(WeightedRule):
         scale: float = 1.0,
         weights: list[float] | None = None,
     ) -> None:
-        super().__init__(weights)
-        self.density, self.gamma = _check_band(self.rule_name, density, gamma)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        weights = self.weight_tensor(len(models))
-        masked = vectors.mul_(magnitude_band_mask(vectors, self.density, self.gamma))
-        merged = disjoint_mean(masked, elect_sign(masked, weights), weights)
-        return merged.mul_(self.scale).add_(base)
+        super().__init__(density, gamma, scale, weights)

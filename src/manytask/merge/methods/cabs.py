@@ -35,15 +35,12 @@ paper are ``scale * weights``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from manytask.errors import ConfigError
-from manytask.merge.methods.param_checks import check_range
+from manytask.merge.methods.combine import SparseTaskVectorRule
 from manytask.merge.methods.sparsify import block_top_mask
-from manytask.merge.methods.task_vectors import WeightedRule, base_and_vectors, weighted_sum
 from manytask.registry import register
 
 
@@ -66,7 +63,7 @@ def conflict_aware_masks(vectors: Tensor, n: int, m: int) -> Tensor:
     "CABS: conflict-aware sequential n:m sparsification, then task arithmetic (Yang et al., "
     "2025, arXiv:2503.01874)",
 )
-class Cabs(WeightedRule):
+class Cabs(SparseTaskVectorRule):
     """CABS (CA + BS) followed by task arithmetic.
 
     Args:
@@ -81,23 +78,14 @@ class Cabs(WeightedRule):
     def __init__(
         self, n: int = 64, m: int = 256, scale: float = 1.0, weights: list[float] | None = None
     ) -> None:
-        super().__init__(weights)
+        super().__init__(scale, weights)
         for label, value in (("n", n), ("m", m)):
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ConfigError(f"cabs: {label} must be an integer ≥ 1, got {value!r}")
         if n > m:
             raise ConfigError(f"cabs: n must be at most m (n:m keeps n of every m), got {n}:{m}")
         self.n, self.m = int(n), int(m)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        kept = vectors.mul_(conflict_aware_masks(vectors, self.n, self.m))
-        merged = weighted_sum(kept, self.weight_tensor(len(models)))
-        return merged.mul_(self.scale).add_(base)
+    def sparsify(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
+        """The conflict-aware n:m masks :math:`K_t`."""
+        return vectors.mul_(conflict_aware_masks(vectors, self.n, self.m))

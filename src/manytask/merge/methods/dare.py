@@ -32,15 +32,12 @@ abilities at drop rates of 0.9 and more, so lower densities are worth trying); `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from manytask.merge.methods.param_checks import check_fraction, check_range
-from manytask.merge.methods.signs import disjoint_mean, elect_sign
+from manytask.merge.methods.combine import SparseTaskVectorRule
+from manytask.merge.methods.param_checks import check_fraction
 from manytask.merge.methods.sparsify import drop_and_rescale, top_magnitude_mask
-from manytask.merge.methods.task_vectors import WeightedRule, base_and_vectors, weighted_sum
 from manytask.registry import register
 
 
@@ -49,7 +46,7 @@ from manytask.registry import register
     "dare_linear",
     "DARE random drop and rescale, then task arithmetic (Yu et al., 2023, arXiv:2311.03099)",
 )
-class DareLinear(WeightedRule):
+class DareLinear(SparseTaskVectorRule):
     """DARE + task arithmetic.
 
     Args:
@@ -63,21 +60,12 @@ class DareLinear(WeightedRule):
     def __init__(
         self, density: float = 0.8, scale: float = 1.0, weights: list[float] | None = None
     ) -> None:
-        super().__init__(weights)
+        super().__init__(scale, weights)
         self.density = check_fraction(self.rule_name, "density", density)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        dropped = drop_and_rescale(vectors, self.density, generator)
-        merged = weighted_sum(dropped, self.weight_tensor(len(models)))
-        return merged.mul_(self.scale).add_(base)
+    def sparsify(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
+        """DARE's random drop, each kept entry rescaled by 1/d."""
+        return drop_and_rescale(vectors, self.density, generator)
 
 
 @register(
@@ -86,7 +74,7 @@ class DareLinear(WeightedRule):
     "DARE random drop and rescale, then TIES sign election and disjoint mean (Yu et al., "
     "2023, arXiv:2311.03099)",
 )
-class DareTies(WeightedRule):
+class DareTies(DareLinear):
     """DARE + TIES-Merging.
 
     Args:
@@ -97,7 +85,7 @@ class DareTies(WeightedRule):
     """
 
     rule_name = "dare_ties"
-    positive_weights = True
+    combine_mode = "ties"
 
     def __init__(
         self,
@@ -106,22 +94,12 @@ class DareTies(WeightedRule):
         trim_density: float = 1.0,
         weights: list[float] | None = None,
     ) -> None:
-        super().__init__(weights)
-        self.density = check_fraction(self.rule_name, "density", density)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
+        super().__init__(density, scale, weights)
         self.trim_density = check_fraction(self.rule_name, "trim_density", trim_density)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        weights = self.weight_tensor(len(models))
-        dropped = drop_and_rescale(vectors, self.density, generator)
+    def sparsify(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
+        """DARE's drop, then TIES's top-k trim when ``trim_density < 1``."""
+        dropped = super().sparsify(vectors, generator)
         if self.trim_density < 1.0:
             dropped = dropped * top_magnitude_mask(dropped, self.trim_density)
-        merged = disjoint_mean(dropped, elect_sign(dropped, weights), weights)
-        return merged.mul_(self.scale).add_(base)
+        return dropped

@@ -26,27 +26,45 @@ Defaults, from the command in the authors' released README: drop rate 0.3 (``den
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from manytask.merge.methods.combine import Combine, SparseTaskVectorRule
 from manytask.merge.methods.param_checks import check_fraction, check_range
-from manytask.merge.methods.signs import disjoint_mean, elect_sign
 from manytask.merge.methods.sparsify import magnitude_sampled_drop
-from manytask.merge.methods.task_vectors import WeightedRule, base_and_vectors, weighted_sum
 from manytask.registry import register
 
 
-class _MagPruneRule(WeightedRule):
-    """Parameters shared by DELLA's two variants."""
+@register(
+    "merge_rule",
+    "della",
+    "DELLA: magnitude-ranked random drop (MagPrune), sign election, disjoint mean (Deep et "
+    "al., 2024, arXiv:2406.11617)",
+)
+class Della(SparseTaskVectorRule):
+    """DELLA-Merging (Drop, Elect, Fuse).
 
-    positive_weights = True
+    Args:
+        density: mean probability d of keeping an entry (1 - drop rate), in (0, 1].
+        epsilon: width ε of the window of keep probabilities around d, ≥ 0, with
+            0 < d - ε/2 and d + ε/2 ≤ 1.
+        scale: λ, the coefficient on the fused task vector, ≥ 0.
+        weights: one positive weight per task model (default all 1).
+    """
+
+    rule_name = "della"
+    combine_mode: ClassVar[Combine] = "ties"
 
     def __init__(
-        self, density: float, epsilon: float, scale: float, weights: list[float] | None
+        self,
+        density: float = 0.7,
+        epsilon: float = 0.14,
+        scale: float = 1.1,
+        weights: list[float] | None = None,
     ) -> None:
-        super().__init__(weights)
+        super().__init__(scale, weights)
         self.density = check_fraction(self.rule_name, "density", density)
         self.epsilon = check_range(self.rule_name, "epsilon", epsilon, 0.0)
         check_range(
@@ -59,54 +77,10 @@ class _MagPruneRule(WeightedRule):
         check_range(
             self.rule_name, "density + epsilon/2", self.density + self.epsilon / 2, 0.0, 1.0
         )
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
 
-    def dropped(
-        self, base: Tensor | None, models: Sequence[Tensor], generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
-        base, vectors = base_and_vectors(base, models)
-        return base, magnitude_sampled_drop(vectors, self.density, self.epsilon, generator)
-
-
-@register(
-    "merge_rule",
-    "della",
-    "DELLA: magnitude-ranked random drop (MagPrune), sign election, disjoint mean (Deep et "
-    "al., 2024, arXiv:2406.11617)",
-)
-class Della(_MagPruneRule):
-    """DELLA-Merging (Drop, Elect, Fuse).
-
-    Args:
-        density: mean probability d of keeping an entry (1 - drop rate), in (0, 1].
-        epsilon: width ε of the window of keep probabilities around d, ≥ 0, with
-            0 < d - ε/2 and d + ε/2 ≤ 1.
-        scale: λ, the coefficient on the fused task vector, ≥ 0.
-        weights: one positive weight per task model (default all 1).
-    """
-
-    rule_name = "della"
-
-    def __init__(
-        self,
-        density: float = 0.7,
-        epsilon: float = 0.14,
-        scale: float = 1.1,
-        weights: list[float] | None = None,
-    ) -> None:
-        super().__init__(density, epsilon, scale, weights)
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, dropped = self.dropped(base, models, generator)
-        weights = self.weight_tensor(len(models))
-        merged = disjoint_mean(dropped, elect_sign(dropped, weights), weights)
-        return merged.mul_(self.scale).add_(base)
+    def sparsify(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
+        """The Drop step, MagPrune."""
+        return magnitude_sampled_drop(vectors, self.density, self.epsilon, generator)
 
 
 @register(
@@ -115,37 +89,9 @@ class Della(_MagPruneRule):
     "DELLA without sign election: MagPrune, then the weighted mean (Deep et al., 2024, "
     "arXiv:2406.11617)",
 )
-class DellaLinear(_MagPruneRule):
-    """DELLA's Drop and Fuse steps without Elect.
-
-    Args:
-        density: mean probability d of keeping an entry (1 - drop rate), in (0, 1].
-        epsilon: width ε of the window of keep probabilities around d, ≥ 0, with
-            0 < d - ε/2 and d + ε/2 ≤ 1.
-        scale: λ, the coefficient on the fused task vector, ≥ 0.
-        weights: one positive weight per task model (default all 1).
-    """
+class DellaLinear(Della):
+    """DELLA's Drop and Fuse steps without Elect (the parameters and defaults of
+    :class:`Della`)."""
 
     rule_name = "della_linear"
-
-    def __init__(
-        self,
-        density: float = 0.7,
-        epsilon: float = 0.14,
-        scale: float = 1.1,
-        weights: list[float] | None = None,
-    ) -> None:
-        super().__init__(density, epsilon, scale, weights)
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, dropped = self.dropped(base, models, generator)
-        weights = self.weight_tensor(len(models))
-        total = float(len(models)) if weights is None else float(weights.sum())
-        merged = weighted_sum(dropped, weights).div_(total)
-        return merged.mul_(self.scale).add_(base)
+    combine_mode = "mean"

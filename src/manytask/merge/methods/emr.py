@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from manytask.merge.methods.signs import agreement_mask, elect_sign
-from manytask.merge.methods.task_vectors import base_and_vectors
-from manytask.merge.rule import Merged, MergeRule
+from manytask.merge.methods.task_vectors import TaskVectorRule, base_and_vectors
+from manytask.merge.rule import Merged
 from manytask.registry import register
 
 
@@ -62,7 +62,7 @@ def task_masks(vectors: Tensor, unified: Tensor) -> Tensor:
     "EMR: elected unified task vector, per-task masks (side outputs) and rescalers (Huang et "
     "al., 2024, arXiv:2405.17461)",
 )
-class Emr(MergeRule):
+class Emr(TaskVectorRule):
     """EMR-Merging (two-pass; masks as side outputs ``mask/<t>``, rescalers in the summary)."""
 
     two_pass: ClassVar[bool] = True
@@ -96,18 +96,13 @@ class Emr(MergeRule):
         ratio = self.task_mass / torch.where(selected, self.masked_mass, 1.0)
         return torch.where(selected, ratio, 1.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Merged:
         self.rescalers()  # raises before the first pass: the rescalers would be lost
-        base, vectors = base_and_vectors(base, models)
         unified = unified_vector(vectors)
         masks = task_masks(vectors, unified)
-        extras = {f"mask/{task}": masks[task] for task in range(len(models))}
+        extras = {f"mask/{task}": masks[task] for task in range(len(vectors))}
         return Merged(tensor=unified.add_(base), extras=extras)
 
     def summary(self) -> dict[str, Any]:

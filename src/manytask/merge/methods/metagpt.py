@@ -23,8 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from manytask.merge.methods.task_vectors import base_and_vectors, weighted_sum
-from manytask.merge.rule import MergeRule
+from manytask.merge.methods.task_vectors import TaskVectorRule, base_and_vectors, weighted_sum
 from manytask.registry import register
 
 
@@ -34,7 +33,7 @@ from manytask.registry import register
     "MetaGPT: task arithmetic with λ_t = |τ_t|² / Σ|τ_j|² over the whole model (Zhou et al., "
     "2024, arXiv:2406.11385)",
 )
-class MetaGPT(MergeRule):
+class MetaGPT(TaskVectorRule):
     """MetaGPT (two-pass)."""
 
     two_pass: ClassVar[bool] = True
@@ -59,15 +58,10 @@ class MetaGPT(MergeRule):
             return torch.full_like(self.squared_norms, 1.0 / len(self.squared_norms))
         return self.squared_norms / total
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Tensor:
         coefficients = self.coefficients().to(torch.float32)
-        base, vectors = base_and_vectors(base, models)
         return weighted_sum(vectors, coefficients).add_(base)
 
     def summary(self) -> dict[str, Any]:

@@ -20,14 +20,12 @@ and the base are needed (the paper's method is defined from two fine-tuned model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from manytask.merge.methods.task_vectors import base_and_vectors
-from manytask.merge.rule import MergeRule
+from manytask.merge.methods.task_vectors import TaskVectorRule
 from manytask.registry import register
 
 
@@ -49,7 +47,7 @@ def mean_pairwise_cosine(vectors: Tensor) -> float:
     "Model Stock: base-to-average interpolation from the task vectors' angle (Jang et al., "
     "2024, arXiv:2403.19522)",
 )
-class ModelStock(MergeRule):
+class ModelStock(TaskVectorRule):
     """Model Stock (per-tensor interpolation ratio)."""
 
     min_models: ClassVar[int] = 2
@@ -57,15 +55,10 @@ class ModelStock(MergeRule):
     def __init__(self) -> None:
         self.ratios: dict[str, float] = {}
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        count = len(models)
+        count = len(vectors)
         cosine = max(0.0, mean_pairwise_cosine(vectors))
         ratio = count * cosine / (1.0 + (count - 1) * cosine)
         self.ratios[name] = ratio

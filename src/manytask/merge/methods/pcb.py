@@ -39,15 +39,13 @@ code searches per-task :math:`\lambda` in [0.8, 1.3] starting from 1 on validati
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from manytask.merge.methods.param_checks import check_fraction, check_range
 from manytask.merge.methods.sparsify import keep_count
-from manytask.merge.methods.task_vectors import base_and_vectors
-from manytask.merge.rule import MergeRule
+from manytask.merge.methods.task_vectors import TaskVectorRule
 from manytask.registry import register
 
 
@@ -100,7 +98,7 @@ def keep_weights(scores: Tensor, ratio: float) -> Tensor:
     "PCB: intra- and inter-task balancing scores, drop low scores, weighted mean (Du et al., "
     "2024, arXiv:2410.02396)",
 )
-class ParameterCompetitionBalancing(MergeRule):
+class ParameterCompetitionBalancing(TaskVectorRule):
     """PCB-Merging.
 
     Args:
@@ -114,14 +112,9 @@ class ParameterCompetitionBalancing(MergeRule):
         self.clip = check_range("pcb", "clip", clip, 0.0, 0.5, high_open=True)
         self.scale = check_range("pcb", "scale", scale, 0.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
         if base.numel() == 0:
             return base.clone()
         rows = vectors.reshape(vectors.shape[0], -1)

@@ -35,23 +35,22 @@ both variants, and the paper tunes :math:`\alpha` on validation data).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from manytask.errors import ConfigError
+from manytask.merge.methods.combine import combine
 from manytask.merge.methods.param_checks import (
     check_count,
     check_fraction,
     check_numbers,
     check_range,
 )
-from manytask.merge.methods.signs import disjoint_sum, elect_sign
 from manytask.merge.methods.sparsify import top_magnitude_mask
-from manytask.merge.methods.task_vectors import base_and_vectors
-from manytask.merge.rule import Merged, MergeRule
+from manytask.merge.methods.task_vectors import TaskVectorRule
+from manytask.merge.rule import Merged
 from manytask.registry import register
 
 MultiTask = Literal["task_arithmetic", "ties"]
@@ -61,9 +60,9 @@ def multi_task_vector(vectors: Tensor, multi_task: MultiTask, density: float) ->
     """:math:`\\tau_{MTL}`: the sum of the task vectors, or TIES's disjoint sum after trimming
     each to its top ``density`` magnitudes and electing signs by total mass."""
     if multi_task == "task_arithmetic":
-        return vectors.sum(dim=0)
+        return combine(vectors, None, "sum")
     trimmed = vectors * top_magnitude_mask(vectors, density)
-    return disjoint_sum(trimmed, elect_sign(trimmed))
+    return combine(trimmed, None, "ties_sum")
 
 
 def tall_masks(vectors: Tensor, merged: Tensor, lambdas: Tensor) -> Tensor:
@@ -73,10 +72,14 @@ def tall_masks(vectors: Tensor, merged: Tensor, lambdas: Tensor) -> Tensor:
     return vectors.abs() > other
 
 
-class _MaskRule(MergeRule):
-    """Parameters shared by the TALL-mask rules: λ (one value or one per task model)."""
+class _MaskRule(TaskVectorRule):
+    """Parameters shared by the TALL-mask rules: λ (one value or one per task model), and the
+    multi-task vector with its masks."""
 
     rule_name: ClassVar[str] = ""
+    #: how τ_MTL is built, and the fraction its TIES trim keeps
+    multi_task: MultiTask
+    density: float
 
     def __init__(self, mask_lambda: float | list[float]) -> None:
         values = [mask_lambda] if isinstance(mask_lambda, (int, float)) else mask_lambda
@@ -94,6 +97,11 @@ class _MaskRule(MergeRule):
         self.check_models(count)
         values = self.mask_lambda * count if len(self.mask_lambda) == 1 else self.mask_lambda
         return torch.tensor(values, dtype=torch.float32)
+
+    def vector_and_masks(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`\\tau_{MTL}` of the ``(T, *shape)`` task vectors and their TALL masks."""
+        merged = multi_task_vector(vectors, self.multi_task, self.density)
+        return merged, tall_masks(vectors, merged, self.lambdas(len(vectors)))
 
 
 def _check_multi_task(rule: str, multi_task: str) -> MultiTask:
@@ -131,24 +139,18 @@ class TallMasks(_MaskRule):
         self.multi_task = _check_multi_task(self.rule_name, multi_task)
         self.density = check_fraction(self.rule_name, "density", density)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Merged:
-        base, vectors = base_and_vectors(base, models)
-        merged = multi_task_vector(vectors, self.multi_task, self.density)
-        masks = tall_masks(vectors, merged, self.lambdas(len(models)))
-        extras = {f"mask/{task}": masks[task] for task in range(len(models))}
+        merged, masks = self.vector_and_masks(vectors)
+        extras = {f"mask/{task}": masks[task] for task in range(len(vectors))}
         return Merged(tensor=merged.add_(base), extras=extras)
 
 
 class _Consensus(_MaskRule):
     """Consensus Merging on a multi-task vector built by :attr:`multi_task`."""
 
-    multi_task: ClassVar[MultiTask] = "task_arithmetic"
+    multi_task: MultiTask = "task_arithmetic"
 
     def __init__(
         self, k: int, mask_lambda: float | list[float], density: float, scale: float
@@ -160,17 +162,11 @@ class _Consensus(_MaskRule):
         self.density = check_fraction(self.rule_name, "density", density)
         self.scale = check_range(self.rule_name, "scale", scale, 0.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        merged = multi_task_vector(vectors, self.multi_task, self.density)
-        relevant = tall_masks(vectors, merged, self.lambdas(len(models))).sum(dim=0)
-        return merged.mul_(relevant >= self.k).mul_(self.scale).add_(base)
+        merged, masks = self.vector_and_masks(vectors)
+        return merged.mul_(masks.sum(dim=0) >= self.k).mul_(self.scale).add_(base)
 
 
 @register(

@@ -16,13 +16,7 @@ paper's task negation).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor
-
-from manytask.merge.methods.param_checks import check_range
-from manytask.merge.methods.task_vectors import WeightedRule, base_and_vectors, weighted_sum
+from manytask.merge.methods.combine import SparseTaskVectorRule
 from manytask.registry import register
 
 
@@ -31,7 +25,7 @@ from manytask.registry import register
     "task_arithmetic",
     "base + λ · sum of task vectors (Ilharco et al., 2023, arXiv:2212.04089)",
 )
-class TaskArithmetic(WeightedRule):
+class TaskArithmetic(SparseTaskVectorRule):
     """Task arithmetic.
 
     Args:
@@ -42,16 +36,4 @@ class TaskArithmetic(WeightedRule):
     rule_name = "task_arithmetic"
 
     def __init__(self, scale: float = 0.3, weights: list[float] | None = None) -> None:
-        super().__init__(weights)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        merged = weighted_sum(vectors, self.weight_tensor(len(models)))
-        return merged.mul_(self.scale).add_(base)
+        super().__init__(scale, weights)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from manytask.merge.methods.param_checks import check_count, check_numbers
-from manytask.merge.rule import MergeRule
+from manytask.merge.rule import Merged, MergeRule
 
 
 def base_and_vectors(base: Tensor | None, models: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -31,6 +31,29 @@ def weighted_sum(vectors: Tensor, weights: Tensor | None = None) -> Tensor:
         return vectors.sum(dim=0)
     summed: Tensor = torch.tensordot(weights.to(vectors.dtype), vectors, dims=([0], [0]))
     return summed
+
+
+class TaskVectorRule(MergeRule):
+    """A rule on the task vectors: :meth:`merge_tensor` stacks them with
+    :func:`base_and_vectors` and passes them to :meth:`merge_vectors`, which subclasses
+    implement."""
+
+    def merge_tensor(
+        self,
+        name: str,
+        base: Tensor | None,
+        models: Sequence[Tensor],
+        generator: torch.Generator,
+    ) -> Tensor | Merged:
+        base, vectors = base_and_vectors(base, models)
+        return self.merge_vectors(name, base, vectors, generator)
+
+    def merge_vectors(
+        self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
+    ) -> Tensor | Merged:
+        """The merged tensor for ``name`` from the base tensor and the ``(T, *shape)`` stack of
+        task vectors (a fresh tensor: the rule may change it in place)."""
+        raise NotImplementedError
 
 
 class WeightedRule(MergeRule):

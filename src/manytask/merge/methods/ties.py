@@ -23,23 +23,13 @@ paper has none; a weight multiplies a task's trimmed vector in the election and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from manytask.merge.methods.param_checks import check_fraction, check_range
-from manytask.merge.methods.signs import disjoint_mean, elect_sign
+from manytask.merge.methods.combine import SparseTaskVectorRule
+from manytask.merge.methods.param_checks import check_fraction
 from manytask.merge.methods.sparsify import top_magnitude_mask
-from manytask.merge.methods.task_vectors import WeightedRule, base_and_vectors
 from manytask.registry import register
-
-
-def ties_vector(vectors: Tensor, density: float, weights: Tensor | None) -> Tensor:
-    """TIES's merged task vector :math:`\\tau_m` of the ``(T, *shape)`` stack, which it trims
-    in place."""
-    trimmed = vectors.mul_(top_magnitude_mask(vectors, density))
-    return disjoint_mean(trimmed, elect_sign(trimmed, weights), weights)
 
 
 @register(
@@ -48,7 +38,7 @@ def ties_vector(vectors: Tensor, density: float, weights: Tensor | None) -> Tens
     "TIES: trim to top-k magnitudes, elect sign, disjoint mean (Yadav et al., 2023, "
     "arXiv:2306.01708)",
 )
-class Ties(WeightedRule):
+class Ties(SparseTaskVectorRule):
     """TIES-Merging.
 
     Args:
@@ -58,22 +48,14 @@ class Ties(WeightedRule):
     """
 
     rule_name = "ties"
-    positive_weights = True
+    combine_mode = "ties"
 
     def __init__(
         self, density: float = 0.2, scale: float = 1.0, weights: list[float] | None = None
     ) -> None:
-        super().__init__(weights)
+        super().__init__(scale, weights)
         self.density = check_fraction(self.rule_name, "density", density)
-        self.scale = check_range(self.rule_name, "scale", scale, 0.0)
 
-    def merge_tensor(
-        self,
-        name: str,
-        base: Tensor | None,
-        models: Sequence[Tensor],
-        generator: torch.Generator,
-    ) -> Tensor:
-        base, vectors = base_and_vectors(base, models)
-        merged = ties_vector(vectors, self.density, self.weight_tensor(len(models)))
-        return merged.mul_(self.scale).add_(base)
+    def sparsify(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
+        """The trim: each task vector keeps its top ``density`` fraction of magnitudes."""
+        return vectors.mul_(top_magnitude_mask(vectors, self.density))
