@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 setup: $(STAMP)
 
 # peers compared in tests and benchmarks; --no-deps keeps them from replacing the CPU torch
-PEERS := libmtl==1.1.5 torchjd==0.18.0 torch-rechub==0.9.0
+PEERS := libmtl==1.1.5 torchjd==0.18.0 torch-rechub==0.9.0 peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+import manytask.adapters  # noqa: F401 - registers the adapter methods for `manytask list`
 from manytask import __version__, distributed, merge, registry
 from manytask.config import load_config
 from manytask.errors import ManytaskError, NonFiniteLossError
@@ -27,6 +28,7 @@ LIST_KINDS = {
     "datasets": "dataset",
     "metrics": "metric",
     "merge_rules": "merge_rule",
+    "adapters": "adapter",
 }
 
 

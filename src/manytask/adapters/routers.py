@@ -1,0 +1,205 @@
+r"""Routers: the gates ``g`` of an adapter layer, from each sample's task or from each token.
+
+- :class:`TaskRouter` — a table indexed by task id: fixed one-hot (one LoRA per task), learned
+  values (MultiLoRA's scales, ScaLearn's ω), ``softmax(w_t / τ)`` (MTL-LoRA), or Polytropon's
+  relaxed-Bernoulli allocation, per block of features for MHR and with task-specific skills for
+  C-Poly. Gates are gathered per sample, so one batch may mix tasks.
+- :class:`SoftTokenRouter` — ``softmax(W_g x)`` per token (MoLoRA, HydraLoRA); it is
+  :class:`manytask.nn.gates.SoftmaxGate` with an optional importance loss.
+- :class:`TopKTokenRouter` — top-``k`` experts per token with auxiliary-loss-free balancing
+  (SMoRA).
+
+Token routers subclass :class:`manytask.nn.gates.Gate`: after a training forward,
+:meth:`~manytask.nn.gates.Gate.auxiliary_loss` returns their load-balancing term (or ``None``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import RelaxedBernoulli
+
+from manytask.adapters.spec import AdapterSpec, RouterSpec
+from manytask.errors import ConfigError
+from manytask.nn.gates import Gate, SoftmaxGate, cv_squared
+
+#: added to the normaliser of Polytropon's allocation (the value of PEFT and the authors' code)
+EPS = 1e-12
+
+
+class TaskRouter(nn.Module):
+    r"""Gates looked up from each sample's task.
+
+    The table holds ``(rows, heads, E)`` values (``(rows, 1, E, out)`` per feature); row ``t``
+    serves task ``t`` (a single row serves every task when ``per_task=False``). Output:
+    ``(N, heads, E)`` or ``(N, 1, E, out)`` for ``N`` task ids. Transforms of a row ``w``:
+
+    - ``fixed``: ``g = onehot(t)`` (a buffer, not learned);
+    - ``identity``: ``g = w``;
+    - ``softmax``: ``g = softmax(w / τ)`` over the experts;
+    - ``relaxed_bernoulli``: ``u = RelaxedBernoulli(τ, logits=w).rsample()`` in training and
+      ``u = σ(w)`` in evaluation, then ``g_e = u_e m_{t,e} / (Σ_{e' ∈ G(e)} u_{e'} m_{t,e'} + ε)``
+      where ``G(e)`` is the group of expert ``e`` (shared skills, or task-specific skills) and
+      ``m_{t,e}`` is 1 when task ``t`` may use expert ``e``.
+    """
+
+    def __init__(self, spec: RouterSpec, num_tasks: int, num_experts: int, out_features: int):
+        super().__init__()
+        self.spec = spec
+        rows = num_tasks if spec.per_task else 1
+        shape: tuple[int, ...] = (rows, spec.heads, num_experts)
+        if spec.per_feature:
+            shape = (*shape, out_features)
+        self.table: Tensor
+        if spec.transform == "fixed":
+            onehot = torch.eye(num_tasks).view(num_tasks, 1, num_tasks)
+            self.register_buffer("table", onehot)
+        else:
+            self.table = nn.Parameter(torch.empty(shape))
+        own = spec.own_experts
+        shared = num_experts - num_tasks * own
+        groups = torch.zeros(num_experts, dtype=torch.long)
+        allowed = torch.ones(num_tasks, num_experts, dtype=torch.bool)
+        if own:
+            groups[shared:] = 1
+            owner = torch.arange(num_tasks * own) // own  # task of each task-specific expert
+            allowed[:, shared:] = owner.unsqueeze(0) == torch.arange(num_tasks).unsqueeze(1)
+        self.groups: Tensor
+        self.allowed: Tensor
+        self.register_buffer("groups", groups, persistent=False)
+        self.register_buffer("allowed", allowed, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not isinstance(self.table, nn.Parameter):
+            return
+        spec = self.spec
+        with torch.no_grad():
+            if spec.init == "normal":
+                self.table.normal_(spec.init_center, spec.init_scale)
+            elif spec.init == "uniform":
+                low, high = spec.init_center - spec.init_scale, spec.init_center + spec.init_scale
+                self.table.uniform_(low, high)
+            else:
+                raise ConfigError("a learned task table starts 'uniform' or 'normal', not 'onehot'")
+
+    def forward(self, task_ids: Tensor) -> Tensor:
+        spec = self.spec
+        if spec.per_task:
+            rows = self.table[task_ids]
+        else:
+            rows = self.table.expand(task_ids.shape[0], *self.table.shape[1:])
+        if spec.transform in ("fixed", "identity"):
+            return rows
+        if spec.transform == "softmax":
+            return torch.softmax(rows / spec.temperature, dim=2)
+        if self.training:
+            temperature = torch.tensor(spec.temperature, device=rows.device, dtype=rows.dtype)
+            units = RelaxedBernoulli(temperature, logits=rows).rsample()
+        else:
+            units = torch.sigmoid(rows)
+        units = units * self.allowed[task_ids].unsqueeze(1).to(units.dtype)
+        members = nn.functional.one_hot(self.groups).to(units.dtype)  # (E, groups)
+        totals = torch.einsum("nhe,eg->nhg", units, members)
+        return units / (torch.einsum("nhg,eg->nhe", totals, members) + EPS)
+
+
+class SoftTokenRouter(SoftmaxGate):
+    r"""``g(x) = softmax(W_g x)`` for every token, over all experts.
+
+    With ``balance_weight = w > 0`` the training forward records the importance loss of
+    Shazeer et al. (arXiv:1701.06538, §4), ``w · CV(Σ_x g(x))²`` over the batch's tokens.
+    """
+
+    def __init__(
+        self, in_features: int, num_experts: int, balance_weight: float, init_std: float
+    ) -> None:
+        super().__init__(in_features, num_experts)
+        self.balance_weight = balance_weight
+        if init_std > 0:
+            nn.init.normal_(self.linear.weight, std=init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = super().forward(x)
+        if self.training and self.balance_weight > 0:
+            self._aux = self.balance_weight * cv_squared(weights.sum(0))
+        else:
+            self._aux = None
+        return weights
+
+
+class TopKTokenRouter(Gate):
+    r"""Top-``k`` routing per token with auxiliary-loss-free balancing.
+
+    Scores ``s = W_g x``; the ``k`` experts with the largest ``s + b`` are kept and get
+    ``softmax`` of their scores ``s`` (the bias ``b`` only chooses, it does not weigh). After a
+    training forward the bias moves towards balance:
+    ``b_e ← b_e + u · sign(\bar c − c_e)``, where ``c_e`` counts the tokens routed to ``e`` and
+    ``\bar c`` is the mean count (Wang, Gao, Zeng, Liu, Wu and Yuan, "Auxiliary-Loss-Free Load
+    Balancing Strategy for Mixture-of-Experts", arXiv:2408.15664, which sets ``u = 0.001``).
+    With ``balance_weight = w > 0`` the training forward also records the Switch Transformer
+    loss ``w · E · Σ_e f_e P_e`` (Fedus, Zoph and Shazeer, arXiv:2101.03961, eq. 4): ``f_e`` the
+    fraction of routing slots given to ``e``, ``P_e`` the mean router probability of ``e``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        top_k: int,
+        bias_update_rate: float,
+        balance_weight: float,
+        init_std: float,
+    ) -> None:
+        super().__init__(num_experts)
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        self.top_k = top_k
+        self.bias_update_rate = bias_update_rate
+        self.balance_weight = balance_weight
+        self.linear = nn.Linear(in_features, num_experts, bias=False)
+        if init_std > 0:
+            nn.init.normal_(self.linear.weight, std=init_std)
+        self.bias: Tensor
+        self.register_buffer("bias", torch.zeros(num_experts))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.linear(x)
+        chosen = (scores.detach() + self.bias).topk(self.top_k, dim=1).indices
+        kept = torch.softmax(scores.gather(1, chosen), dim=1)
+        weights = torch.zeros_like(scores).scatter(1, chosen, kept)
+        self._aux = None
+        if self.training:
+            load = torch.bincount(chosen.flatten(), minlength=self.num_experts).to(scores.dtype)
+            if self.bias_update_rate > 0:
+                with torch.no_grad():
+                    self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+            if self.balance_weight > 0:
+                share = load / chosen.numel()
+                probability = torch.softmax(scores, dim=1).mean(0)
+                self._aux = self.balance_weight * self.num_experts * (share * probability).sum()
+        return weights
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+def build_router(spec: AdapterSpec, in_features: int, out_features: int) -> nn.Module | None:
+    """The router a spec asks for (``None`` when the layer has a single ungated expert)."""
+    router = spec.router
+    if router.source == "none":
+        return None
+    if router.source == "task":
+        return TaskRouter(router, spec.num_tasks, spec.num_experts, out_features)
+    if router.top_k == 0:
+        return SoftTokenRouter(
+            in_features, spec.num_experts, router.balance_weight, router.init_std
+        )
+    return TopKTokenRouter(
+        in_features,
+        spec.num_experts,
+        router.top_k,
+        router.bias_update_rate,
+        router.balance_weight,
+        router.init_std,
+    )
