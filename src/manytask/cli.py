@@ -29,6 +29,7 @@ LIST_KINDS = {
     "metrics": "metric",
     "merge_rules": "merge_rule",
     "adapters": "adapter",
+    "samplers": "sampler",
 }
 
 

@@ -1,5 +1,6 @@
 """Data: multi-task batches, in-memory datasets and the built-in datasets."""
 
+from manytask.data import mixing
 from manytask.data.batch import MultiTaskBatch, MultiTaskDataset, TensorMultiTaskDataset
 from manytask.data.bundle import DatasetBundle
 from manytask.data.multi_fashion import multi_fashion
@@ -16,6 +17,7 @@ __all__ = [
     "correlated_regression",
     "gss_wages",
     "load_table",
+    "mixing",
     "mmoe_synthetic",
     "multi_fashion",
     "star",
