@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,34 @@ def test_staged_directory_refuses_an_existing_output_and_replaces_it_only_when_c
         (stage / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_shard_writer_keeps_no_tensor_and_writes_files_safetensors_reads(tmp_path):
+    """Each added tensor goes to disk at once: no reference to it (or to a copy sharing its
+    storage) survives ``add``; the shards load back exactly with safetensors, every dtype
+    included, and no spool file is left."""
+    from safetensors.torch import load_file
+
+    writer = ShardWriter(tmp_path / "out", max_shard_size=64)
+    tensors = {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "c": torch.tensor(7, dtype=torch.int64),
+        "d": torch.tensor([True, False, True]),
+        "e": torch.zeros(0, 3, dtype=torch.float16),
+    }
+    for name, tensor in tensors.items():
+        copy = tensor.clone()
+        alive = weakref.ref(copy)
+        writer.add(name, copy)
+        del copy
+        assert alive() is None, name
+    files = writer.close()
+    loaded: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            loaded.update(load_file(str(file)))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    assert not list((tmp_path / "out").glob(".*"))

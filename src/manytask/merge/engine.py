@@ -21,11 +21,11 @@ Two-pass rules (``two_pass = True``) first see every floating-point tensor throu
 ``extras/<output>/`` beside the merged one.
 
 **Memory.** At most one name's tensors are alive at once: the inputs in float32, the rule's
-working tensors, and the writer's buffer of at most one shard. :class:`MergePlan` estimates the
-peak as
+working tensors, and the merged tensor until the writer has spooled it to disk.
+:class:`MergePlan` estimates the peak as
 
 .. math::  n_\text{inputs} \cdot \text{numel}_\text{largest} \cdot 4\,\text{B}
-           + \text{largest shard},
+           + \text{largest output tensor},
 
 with :math:`n_\text{inputs}` = task models + 1 with a base (the issue's estimate); the rule's own
 temporaries (its result, a stack of task vectors for TIES) come on top.
@@ -336,6 +336,7 @@ class MergePlan:
     output_dtype: str
     output_bytes: int
     shard_bytes: list[int]
+    largest_output_bytes: int = 0
 
     @property
     def copied_tensors(self) -> int:
@@ -343,12 +344,13 @@ class MergePlan:
 
     @property
     def output_buffer_bytes(self) -> int:
-        """The writer holds one shard at a time: the largest shard."""
-        return max(self.shard_bytes, default=0)
+        """The merged tensor on its way to the writer, which spools it to disk at once: the
+        largest output tensor."""
+        return self.largest_output_bytes
 
     @property
     def peak_memory_bytes(self) -> int:
-        """``inputs × numel(largest) × 4 B + largest shard`` (see the module docstring)."""
+        """``inputs × numel(largest) × 4 B + largest output tensor`` (module docstring)."""
         return self.inputs_per_tensor * self.largest_numel * 4 + self.output_buffer_bytes
 
     @property
@@ -401,7 +403,7 @@ class MergePlan:
             f"largest tensor: '{self.largest_tensor}' {list(self.largest_shape)} "
             f"({self.largest_numel:,} elements)",
             f"peak memory estimate: {self.inputs_per_tensor} inputs × {self.largest_numel:,} × 4 B "
-            f"(float32) + output buffer {format_bytes(self.output_buffer_bytes)} = "
+            f"(float32) + largest output tensor {format_bytes(self.output_buffer_bytes)} = "
             f"{format_bytes(self.peak_memory_bytes)} (plus the rule's working tensors)",
         ]
         shards = len(self.shard_bytes)
@@ -464,6 +466,7 @@ def _make_plan(
         output_dtype="auto (as the inputs)" if out_dtype is None else _dtype_name(out_dtype),
         output_bytes=sum(sizes),
         shard_bytes=shard_sizes(sizes, max_shard_size),
+        largest_output_bytes=max(sizes, default=0),
     )
 
 

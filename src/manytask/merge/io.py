@@ -740,13 +740,34 @@ def shard_file_names(count: int, prefix: str = CHECKPOINT_PREFIX) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+#: safetensors' names of the dtypes a checkpoint can hold
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_COPY_CHUNK = 1 << 24  # bytes per read when the spooled data are copied into a shard
+
+
 class ShardWriter:
     """Write tensors, in order, into shards of at most ``max_shard_size`` bytes in ``directory``.
 
-    The writer holds at most one shard's tensors in memory. Shards are written under provisional
-    names; :meth:`close` gives them their final names (``model.safetensors`` for one shard,
-    ``model-0000i-of-0000N.safetensors`` plus the index ``model.safetensors.index.json``
-    otherwise). Use it inside :func:`staged_directory` for an atomic output.
+    Each tensor's bytes go to a spool file on disk as soon as it is added, so the writer holds
+    no tensor in memory: only names, shapes and offsets. When a shard is full, its safetensors
+    file (the JSON header, then the spooled bytes, copied in 16 MiB chunks) is written under a
+    provisional name; :meth:`close` gives the shards their final names (``model.safetensors``
+    for one shard, ``model-0000i-of-0000N.safetensors`` plus the index
+    ``model.safetensors.index.json`` otherwise). Use it inside :func:`staged_directory` for an
+    atomic output.
     """
 
     def __init__(
@@ -759,8 +780,9 @@ class ShardWriter:
         self.directory = Path(directory)
         self.max_shard_size = max_shard_size
         self.prefix = prefix
-        self._buffer: dict[str, Tensor] = {}
+        self._entries: dict[str, dict[str, Any]] = {}  # the current shard's header
         self._filled = 0
+        self._spool: Any = None  # the open spool file of the current shard
         self._written: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
         self.total_size = 0
@@ -771,31 +793,60 @@ class ShardWriter:
             raise ManytaskError("the checkpoint writer is closed")
         if name in self._names:
             raise ManytaskError(f"tensor '{name}' was written twice")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ManytaskError(
+                f"tensor '{name}' has dtype {tensor.dtype}, which safetensors lacks"
+            )
         size = tensor.numel() * tensor.element_size()
         if starts_new_shard(self._filled, size, self.max_shard_size):
             self._flush()
+        if self._spool is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            spool = self.directory / f".{self.prefix}-shard-{len(self._written) + 1:05d}.spool"
+            self._spool = open(spool, "w+b")  # noqa: SIM115 - closed by _flush
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._spool.write(data.numpy().tobytes())
         self._names.add(name)
-        self._buffer[name] = tensor.detach().contiguous()
+        self._entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._filled, self._filled + size],
+        }
         self._filled += size
         self.total_size += size
 
     def _flush(self) -> None:
         index = len(self._written) + 1
         path = self.directory / f".{self.prefix}-shard-{index:05d}.safetensors.partial"
-        tensors, self._buffer, self._filled = self._buffer, {}, 0
         self.directory.mkdir(parents=True, exist_ok=True)
+        header = json.dumps(
+            {"__metadata__": SAFETENSORS_METADATA, **self._entries}, separators=(",", ":")
+        ).encode("utf-8")
+        header += b" " * (-len(header) % 8)  # the data start 8-byte aligned, as safetensors does
+        spool, names = self._spool, list(self._entries)
+        self._spool, self._entries, self._filled = None, {}, 0
 
         def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp), metadata=SAFETENSORS_METADATA)
+            with open(tmp, "wb") as out:
+                out.write(len(header).to_bytes(8, "little"))
+                out.write(header)
+                if spool is not None:
+                    spool.seek(0)
+                    shutil.copyfileobj(spool, out, _COPY_CHUNK)
 
-        atomic.write_with(path, write)
-        self._written.append((path, list(tensors)))
+        try:
+            atomic.write_with(path, write)
+        finally:
+            if spool is not None:
+                spool.close()
+                os.unlink(spool.name)
+        self._written.append((path, names))
 
     def close(self) -> list[Path]:
         """Write what is buffered, name the shards, write the index; return the files."""
         if self._closed:
             raise ManytaskError("the checkpoint writer is already closed")
-        if self._buffer or not self._written:
+        if self._entries or not self._written:
             self._flush()
         self._closed = True
         names = shard_file_names(len(self._written), self.prefix)
