@@ -14,7 +14,10 @@ of the command waits for it); *merge s* is from the end of the imports to the wr
 The tools run in turn (manytask, mergekit, FusionBench) for each checkpoint set and method, and
 speed and memory are compared as ratios within one run (the machines are shared and noisy);
 ``minilm`` runs each tool ``--repeats`` times (default 3, in turn: A B C A B C …) and keeps
-medians, ``1b`` runs once.
+medians, ``1b`` runs once. Every merge process runs ``--threads`` torch threads (default 1,
+through ``OMP_NUM_THREADS`` and ``torch.set_num_threads``): on a small shared machine, two
+OpenMP threads wait on each other whenever another process holds a core, and one merge measured
+10× slower that way (22.6 s against 2.0 s with one thread), which no ratio cancels.
 
 Checkpoint sets (written by ``merge_checkpoints.py`` into ``--work-dir``, reused when present):
 
@@ -330,9 +333,11 @@ def child(spec_path: Path) -> None:
     """Run one merge as ``spec_path`` describes; write times and memory to its result file."""
     spec = json.loads(spec_path.read_text())
     started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
     merge = RUNNERS[spec["tool"]](spec)  # imports the tool
     imported = time.perf_counter()
-    import torch
 
     result = {"import_s": imported - started, "rss_after_import_mib": memory_mib()["VmRSS"]}
     result["torch_threads"] = torch.get_num_threads()
@@ -357,8 +362,10 @@ def run_child(
     spec_path.write_text(json.dumps(spec, indent=2))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
     started = time.perf_counter()
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
     peaks = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
     stopped = ""
     while True:
@@ -619,6 +626,12 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per tool for minilm (medians; 1b runs once)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch (OpenMP) threads of every merge process (default 1: see the docstring)",
+    )
     parser.add_argument("--keep-outputs", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_scale.json")
     parser.add_argument(
@@ -675,6 +688,7 @@ def main() -> None:
                 while queue:
                     tool = queue.pop(0)
                     spec = case_spec(checkpoints, method, tool, work)
+                    spec["threads"] = args.threads
                     config = write_config(spec, work)
                     if config is not None:
                         configs[Path(spec["config"]).name] = config
@@ -717,6 +731,7 @@ def main() -> None:
         "methods": METHODS,
         "seed": SEED,
         "mem_cap_gib": args.mem_cap_gib,
+        "threads": args.threads,
         "commands": commands,
         "configs": configs,
         "runs": rows,
