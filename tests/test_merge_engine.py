@@ -28,6 +28,7 @@ from manytask.merge import (
     plan,
     tensor_seed,
 )
+from manytask.merge.report import tensor_stats
 
 
 class ScaledSum(MergeRule):
@@ -429,6 +430,27 @@ def test_report_gives_norms_sparsity_and_sign_conflicts_of_a_hand_made_example(t
     assert totals["base_norm"] == pytest.approx(math.sqrt(2))
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| `w` | 4 | 0 | 2.449 / 2.449 | 2 | 25.0% / 25.0% | 75.0% | 50.0% |" in text
+
+
+def test_report_statistics_of_a_tensor_spanning_several_slices_match_a_float64_reference():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 70_001, generator=generator)  # 210,003 entries: four slices, one short
+    models = [base + torch.randn(base.shape, generator=generator) for _ in range(3)]
+    for model in models:
+        model[0, :5000] = base[0, :5000]  # exact zeros in every task vector
+    models[1][1, :100] = base[1, :100] + 1.0  # positive where the others are mixed
+    merged = base + sum(m - base for m in models)
+    row = tensor_stats("w", base, models, merged, "F32")
+    vectors = torch.stack([m.double() - base.double() for m in models])
+    assert row.task_norms == pytest.approx([float(v.norm()) for v in vectors], rel=1e-6)
+    assert row.model_norms == pytest.approx([float(m.double().norm()) for m in models], rel=1e-6)
+    assert row.base_norm == pytest.approx(float(base.double().norm()), rel=1e-6)
+    assert row.task_sparsity == [float((v == 0).double().mean()) for v in vectors]
+    conflict = ((vectors > 0).any(0) & (vectors < 0).any(0)).double().mean()
+    assert row.sign_conflict == float(conflict)
+    delta = merged.double() - base.double()
+    assert row.delta_norm == pytest.approx(float(delta.norm()), rel=1e-6)
+    assert row.delta_sparsity == float((merged - base == 0).double().mean())
 
 
 # ----------------------------------------------------------------------------------------------

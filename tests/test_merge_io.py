@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from manytask.errors import ConfigError, DataError, RunExistsError
+from manytask.errors import ConfigError, DataError, ManytaskError, RunExistsError
 from manytask.merge.config import parse_size
 from manytask.merge.io import (
     AdaptedModelSource,
@@ -67,6 +67,53 @@ def write_sharded(folder: Path) -> dict[str, torch.Tensor]:
     weight_map["m.count"] = "s-2.safetensors"
     (folder / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return full
+
+
+def test_safetensors_reads_are_fresh_buffers_in_every_dtype_and_shape(tmp_path):
+    stored = {
+        "bf": torch.randn(3, 5).to(torch.bfloat16),
+        "half": torch.randn(4).half(),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 3),
+        "u8": torch.arange(7, dtype=torch.uint8),
+    }
+    save_file(stored, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    with SafetensorsSource(tmp_path / "m.safetensors") as source:
+        assert source.fresh_reads
+        for name, tensor in stored.items():
+            read = source.get(name)
+            assert read.dtype == tensor.dtype and read.shape == tensor.shape
+            assert torch.equal(read, tensor)
+        first = source.get("bf")
+        first.zero_()  # the reader hands out its own buffer: a later read is unaffected
+        assert torch.equal(source.get("bf"), stored["bf"])
+    with pytest.raises(ManytaskError, match="was closed"):
+        source.get("bf")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: raw[:5], "fewer than a header needs"),
+        (lambda raw: (10**9).to_bytes(8, "little") + raw[8:], "exceeds the file's size"),
+        (lambda raw: raw[:-4], "ends past the end of the file"),
+    ],
+)
+def test_a_damaged_safetensors_file_is_an_error_saying_what_is_wrong(tmp_path, damage, message):
+    save_file({"w": torch.ones(4)}, str(tmp_path / "m.safetensors"))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(damage((tmp_path / "m.safetensors").read_bytes()))
+    with pytest.raises(DataError, match=message):
+        SafetensorsSource(broken)
+
+
+def test_a_header_whose_offsets_disagree_with_shape_and_dtype_is_refused(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(DataError, match=r"tensor 'w' has shape \[3\] and dtype F32 \(12 bytes\)"):
+        SafetensorsSource(path)
 
 
 def test_sharded_source_reads_every_tensor_through_the_index(tmp_path):

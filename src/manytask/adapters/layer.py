@@ -12,7 +12,9 @@ per task, possibly diagonal) and gates ``g`` from the router: ``(N, 1, E)`` from
 each sample, ``(N, L, E)`` from each token, or ``(N, 1, E, out)`` per output feature. The sum
 over experts is one contraction over ``(expert, rank)``: the gates scale the rank-``r`` codes
 ``A_e x`` and a single ``einsum`` with ``B`` adds them up, so the cost is that of one LoRA of
-rank ``E·r`` and there is no Python loop over experts or tasks.
+rank ``E·r`` and there is no Python loop over experts or tasks. With fixed one-hot task gates (one
+LoRA per task) each sample's ``A_t`` and ``B_t`` are gathered instead and applied with two
+batched products, so a token costs one rank-``r`` LoRA, as in PEFT's per-sample adapters.
 
 With ``combine="weights"`` the gates mix parameters (Polytropon, MHR, C-Poly):
 ``A_t = Σ_e g_e A_e`` and ``B_t = Σ_e g_e B_e`` per sample, then ``h = W x + s B_t M_t A_t x``;
@@ -148,7 +150,8 @@ class AdapterLayer(nn.Module):
     def delta(self, x: Tensor, task_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         """The adapter's output ``s Σ_e g_e B_e M A_e x`` for ``x`` of shape ``(N, …, in)``, and
         the codes ``A x`` of shape ``(N, L, E_A, r)`` (``A`` mixed per sample with
-        ``combine="weights"``)."""
+        ``combine="weights"``; only the sample's own expert, ``E_A = 1``, with one-hot task
+        gates)."""
         spec = self.spec
         batch = x.shape[0]
         flat = self.dropout(x.reshape(batch, -1, self.in_features))
@@ -170,6 +173,13 @@ class AdapterLayer(nn.Module):
             codes = torch.einsum("nli,nri->nlr", flat, mixed_down).unsqueeze(2)
             codes_mixed = self._mix(codes, task_ids)
             out = torch.einsum("nler,nor->nlo", codes_mixed, mixed_up)
+        elif self._selects_one_expert():
+            # one-hot task gates: Σ_e [e = t] B_e M A_e x = B_t M A_t x, so gather each sample's
+            # own pair and skip the other tasks' products (T·r ranks per token down to r)
+            rows = self._rows(task_ids, batch, flat)
+            codes = torch.bmm(flat, down[rows].transpose(1, 2)).unsqueeze(2)  # (N, L, 1, r)
+            codes_mixed = self._mix(codes, task_ids)
+            out = torch.bmm(codes_mixed.squeeze(2), up[rows].transpose(1, 2))
         else:
             codes = torch.einsum("nli,eri->nler", flat, down)  # (N, L, E_A, r)
             codes_mixed = self._mix(codes, task_ids)
@@ -183,6 +193,17 @@ class AdapterLayer(nn.Module):
                 out = torch.einsum("nler,eor->nlo", codes_mixed * gates.unsqueeze(-1), up)
         out = spec.scaling * out
         return out.reshape(*x.shape[:-1], self.out_features), codes
+
+    def _selects_one_expert(self) -> bool:
+        """Whether the gates are a fixed one-hot choice of expert ``t`` for task ``t`` (one LoRA
+        per task) over experts that each have their own ``A``."""
+        router = self.router
+        return (
+            isinstance(router, TaskRouter)
+            and router.spec.transform == "fixed"
+            and not router.spec.per_feature
+            and not self.spec.share_down
+        )
 
     def _mix(self, codes: Tensor, task_ids: Tensor | None) -> Tensor:
         """``M z`` for codes ``(N, L, E_A, r)``: the mixer of each sample's task, or the shared

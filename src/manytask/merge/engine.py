@@ -513,7 +513,8 @@ def _read32(source: TensorSource, name: str, info: TensorInfo) -> Tensor:
             f"tensor '{name}' read from {source.label} has shape {list(tensor.shape)}, but its "
             f"header says {list(info.shape)}"
         )
-    return tensor.to(torch.float32, copy=True)  # a private copy: rules may work in place
+    # a private copy (rules may work in place), made only when the read was not one already
+    return tensor.to(torch.float32, copy=not source.fresh_reads)
 
 
 def _read_floats(

@@ -52,33 +52,71 @@ class TensorStats:
     sign_conflict: float | None = None
 
 
-def _norm(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x))
+# elements per slice: the statistics of one slice are all computed while it sits in the CPU's
+# cache (a 64k-element float32 slice of each input is 256 KiB), so each input is read from main
+# memory once instead of once per statistic
+_SLICE = 1 << 16
 
 
-def _zeros(x: Tensor) -> float:
-    return int((x == 0).sum()) / max(x.numel(), 1)
+def _squares(x: Tensor) -> Tensor:
+    return torch.dot(x, x).double()
 
 
 def tensor_stats(
     name: str, base: Tensor | None, models: Sequence[Tensor], merged: Tensor, dtype: str
 ) -> TensorStats:
-    """The statistics of one merged tensor (see the module docstring for the definitions)."""
-    numel = merged.numel()
-    shape, model_norms, merged_norm = list(merged.shape), [_norm(m) for m in models], _norm(merged)
+    """The statistics of one merged tensor (see the module docstring for the definitions).
+
+    Computed slice by slice over the flattened tensors; sums of squares are accumulated in
+    float64 across slices.
+    """
+    numel, shape = merged.numel(), list(merged.shape)
+    flat = [m.reshape(-1) for m in models]
+    merged_flat = merged.reshape(-1)
+    base_flat = base.reshape(-1) if base is not None else None
+    squares: list[list[Tensor]] = [[] for _ in range(len(flat) + 2)]  # models, merged, base
+    task_squares: list[list[Tensor]] = [[] for _ in flat]
+    task_nonzero: list[list[Tensor]] = [[] for _ in flat]
+    delta_squares: list[Tensor] = []
+    delta_nonzero: list[Tensor] = []
+    conflicts: list[Tensor] = []
+    width = min(_SLICE, numel)
+    vector = torch.empty(width)
+    positive, negative, mask = (torch.empty(width, dtype=torch.bool) for _ in range(3))
+    for start in range(0, numel, _SLICE):
+        stop = min(start + _SLICE, numel)
+        for i, model in enumerate(flat):
+            squares[i].append(_squares(model[start:stop]))
+        squares[-2].append(_squares(merged_flat[start:stop]))
+        if base_flat is None:
+            continue
+        piece = base_flat[start:stop]
+        squares[-1].append(_squares(piece))
+        size = stop - start
+        v, pos, neg, tmp = vector[:size], positive[:size], negative[:size], mask[:size]
+        pos.zero_()
+        neg.zero_()
+        for i, model in enumerate(flat):
+            torch.sub(model[start:stop], piece, out=v)
+            task_squares[i].append(_squares(v))
+            task_nonzero[i].append(torch.count_nonzero(v))
+            pos.logical_or_(torch.gt(v, 0, out=tmp))
+            neg.logical_or_(torch.lt(v, 0, out=tmp))
+        conflicts.append(torch.count_nonzero(pos.logical_and_(neg)))
+        torch.sub(merged_flat[start:stop], piece, out=v)
+        delta_squares.append(_squares(v))
+        delta_nonzero.append(torch.count_nonzero(v))
+
+    def norm(parts: list[Tensor]) -> float:
+        return math.sqrt(float(torch.stack(parts).sum())) if parts else 0.0
+
+    def zeros(parts: list[Tensor]) -> float:
+        return (numel - int(torch.stack(parts).sum())) / numel if parts else 0.0
+
+    model_norms = [norm(parts) for parts in squares[: len(flat)]]
+    merged_norm = norm(squares[-2])
     if base is None:
         return TensorStats(name, shape, dtype, numel, False, model_norms, merged_norm)
-    positive = torch.zeros(merged.shape, dtype=torch.bool)
-    negative = torch.zeros(merged.shape, dtype=torch.bool)
-    task_norms, task_sparsity = [], []
-    for model in models:
-        vector = model - base
-        task_norms.append(_norm(vector))
-        task_sparsity.append(_zeros(vector))
-        positive |= vector > 0
-        negative |= vector < 0
-        del vector
-    delta = merged - base
     return TensorStats(
         name,
         shape,
@@ -87,12 +125,12 @@ def tensor_stats(
         False,
         model_norms,
         merged_norm,
-        base_norm=_norm(base),
-        task_norms=task_norms,
-        task_sparsity=task_sparsity,
-        delta_norm=_norm(delta),
-        delta_sparsity=_zeros(delta),
-        sign_conflict=int((positive & negative).sum()) / max(numel, 1),
+        base_norm=norm(squares[-1]),
+        task_norms=[norm(parts) for parts in task_squares],
+        task_sparsity=[zeros(parts) for parts in task_nonzero],
+        delta_norm=norm(delta_squares),
+        delta_sparsity=zeros(delta_nonzero),
+        sign_conflict=int(torch.stack(conflicts).sum()) / numel if conflicts else 0.0,
     )
 
 

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from manytask import distributed
-from manytask.balance.base import Balancer, Need
-from manytask.data.batch import MultiTaskDataset
+from manytask.balance.base import Balancer, BalanceStep, Need
+from manytask.data.batch import MultiTaskBatch, MultiTaskDataset
 from manytask.errors import ConfigError, NonFiniteLossError
 from manytask.evaluate.metrics import task_metrics
 from manytask.nn.base import MultiTaskModel
@@ -113,7 +113,10 @@ class Trainer:
             gradient scaler).
         log_every: steps between progress-bar updates.
         progress: show the progress bar (the one-line epoch summaries are always printed).
-        callbacks: functions called with the trainer after every optimizer step.
+        callbacks: functions called with the trainer after every optimizer step; they may read
+            ``trainer.last_batch`` (this rank's share of the step's batch, on the device) and
+            ``trainer.last_step`` (the :class:`~manytask.balance.BalanceStep` the balancer
+            returned: weights, and gradient norms and cosines where the method formed them).
     """
 
     def __init__(
@@ -188,6 +191,8 @@ class Trainer:
         self._epoch_losses: dict[str, float] = {}
         self._epoch_weights: dict[str, float] = {}
         self._best_in_memory: dict[str, Tensor] | None = None
+        self.last_batch: MultiTaskBatch | None = None
+        self.last_step: BalanceStep | None = None
 
     # checks ---------------------------------------------------------------------------
     def _check_optimizer_covers_balancer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -300,6 +305,7 @@ class Trainer:
             )
             distributed.average_gradients(step.unsynced(self._parameters))
             self._optimizer_step()
+            self.last_batch, self.last_step = batch, step
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
             if step.weights is not None:
