@@ -8,7 +8,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # the local CPU build of torch, installed before anything that depends on torch
 TORCH := torch==2.13.0
 
-.PHONY: setup data demo test lint typecheck unit clean
+.PHONY: setup data browser demo test lint typecheck unit clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ PEERS := libmtl==1.1.5 torchjd==0.18.0 torch-rechub==0.9.0 peft==0.21.2 accelera
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,plots,peers,tabular,hf]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plots,peers,tabular,hf,loggers]'
 	$(BIN)/python -m pip install --quiet --no-deps $(PEERS)
 	touch $(STAMP)
 
@@ -34,6 +34,19 @@ data:
 	  fi; \
 	fi
 
+# Debian's chromium, which tests/test_report_browser.py starts headless to check the HTML report
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium (for the report's browser test)"; \
+	    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null \
+	      || echo "could not install chromium: tests/test_report_browser.py will be skipped"; \
+	  else \
+	    echo "chromium is missing and apt-get is not available as root:"; \
+	    echo "  install chromium, or tests/test_report_browser.py is skipped"; \
+	  fi; \
+	fi
+
 demo: setup data
 	$(BIN)/manytask compare configs/multi_fashion_compare.yaml --methods ew,uw,dwa,rlw --seeds 2 --overwrite
 
@@ -46,7 +59,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup data
+unit: setup data browser
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit

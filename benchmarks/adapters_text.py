@@ -406,7 +406,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         m = row["metrics"]
         params = f"{row['adapter_parameters']:,}" if "adapter_parameters" in row else "–"
-        step = f"{row['ms_per_step']:.0f}" if "ms_per_step" in row else "–"
+        step = f"{row['ms_per_step']:.3g}" if "ms_per_step" in row else "–"
         lines.append(
             f"| {row['method']} | {m['device']['macro_f1']:.3f} | {m['device']['accuracy']:.3f} "
             f"| {m['era']['macro_f1']:.3f} | {m['era']['accuracy']:.3f} "

@@ -1,4 +1,4 @@
-"""The ``manytask`` command line: train, compare, merge, list.
+"""The ``manytask`` command line: train, compare, group, merge, report, list.
 
 Errors caused by input (an unknown key, method or path, a value of the wrong type …) are printed
 as one short message without a traceback, and the command exits with status 2. A run that
@@ -12,12 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 import manytask.adapters  # noqa: F401 - registers the adapter methods for `manytask list`
 from manytask import __version__, distributed, merge, registry
-from manytask.config import load_config
+from manytask.config import Config, load_config
 from manytask.errors import ManytaskError, NonFiniteLossError
 from manytask.evaluate.leaderboard import Leaderboard
 
@@ -89,6 +90,37 @@ def _parser() -> argparse.ArgumentParser:
     merging.add_argument("--overwrite", action="store_true", help="replace an existing output")
     merging.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page for run and compare directories"
+    )
+    report.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="train run or compare directories; several train runs are compared on one page",
+    )
+    report.add_argument(
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="the HTML file (default RUN_DIR/report.html; required for several directories)",
+    )
+
+    grouping = sub.add_parser(
+        "group", help="measure task affinity, propose task groups for N models, train them"
+    )
+    common(grouping)
+    grouping.add_argument(
+        "--models", type=int, required=True, metavar="N", help="at most N models (task groups)"
+    )
+    grouping.add_argument(
+        "--train", action="store_true", help="train each group and compare with all tasks"
+    )
+    grouping.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    grouping.add_argument(
+        "--partition", action="store_true", help="disjoint groups (default: groups may overlap)"
+    )
+
     listing = sub.add_parser("list", help="registered methods, architectures, datasets, metrics")
     listing.add_argument("kind", nargs="?", choices=sorted(LIST_KINDS), help="only this kind")
     return parser
@@ -101,6 +133,38 @@ def _print_leaderboard(console: Console, board: Leaderboard, title: str) -> None
     for cells in board.cells():
         table.add_row(*cells)
     console.print(table)
+
+
+def _print_table(console: Console, title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A table of plain text (square brackets are not read as rich markup)."""
+    table = Table(title=escape(title))
+    for i, column in enumerate(header):
+        table.add_column(escape(column), justify="left" if i == 0 else "right")
+    for cells in rows:
+        table.add_row(*(escape(c) for c in cells))
+    console.print(table)
+
+
+def _group(console: Console, errors: Console, args: argparse.Namespace, config: Config) -> int:
+    from manytask.train.grouping import group
+
+    result = group(
+        config,
+        args.models,
+        train=args.train,
+        seeds=args.seeds,
+        overlap=not args.partition,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=False if args.quiet else None,
+        announce=lambda message: errors.print(message, highlight=False),
+    )
+    _print_table(console, *result.affinity_table())
+    _print_table(console, *result.groups_table())
+    if result.comparison is not None:
+        _print_table(console, *result.comparison.table())
+    console.print(f"written to {result.root}", highlight=False)
+    return 0
 
 
 def _list(console: Console, kind: str | None) -> None:
@@ -170,10 +234,21 @@ def _run(argv: Sequence[str] | None) -> int:
             return 0
         if args.command == "merge":
             return _merge(console, args)
+        if args.command == "report":
+            from manytask.evaluate.report import write_report
+
+            path = write_report(args.dirs, args.output)
+            console.print(
+                f"report written to {path} (figures in {path.parent / 'plots'})",
+                highlight=False,
+            )
+            return 0
         if args.overwrite and args.resume:
             raise ManytaskError("--overwrite and --resume exclude each other; choose one")
         config = load_config(args.config, args.overrides)
         progress = False if args.quiet else None
+        if args.command == "group":
+            return _group(console, errors, args, config)
         if args.command == "train":
             from manytask.train.build import run_training
 

@@ -87,9 +87,33 @@ class TrainConfig(StrictModel):
     progress: bool = True
 
 
+class MonitorConfig(StrictModel):
+    """Task-affinity monitoring during training (:mod:`manytask.train.affinity`)."""
+
+    affinity_every: int = Field(ge=1, description="steps between affinity measurements")
+    lookahead: bool = Field(default=True, description="TAG lookahead affinity Z[i][j]")
+    cosine: bool = Field(default=True, description="per-task gradient cosines and conflicts")
+    lookahead_lr: float | None = Field(
+        default=None, gt=0, description="lookahead SGD step; None: the optimizer's current lr"
+    )
+
+    @model_validator(mode="after")
+    def _measures_something(self) -> MonitorConfig:
+        if not (self.lookahead or self.cosine):
+            raise ValueError("monitor needs lookahead or cosine (or both) set to true")
+        return self
+
+
 class RunConfig(StrictModel):
     dir: Path = Path("runs")
     name: str | None = None
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="sinks beside metrics.jsonl (manytask.train.loggers; extra 'loggers')",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="None: a file store in the run directory, <run>/mlruns"
+    )
 
 
 class Config(StrictModel):
@@ -104,6 +128,7 @@ class Config(StrictModel):
     optimizer: ComponentConfig = ComponentConfig(name="adam", lr=1e-3)
     scheduler: SchedulerConfig | None = None
     train: TrainConfig = TrainConfig()
+    monitor: MonitorConfig | None = None
     run: RunConfig = RunConfig()
 
     @model_validator(mode="before")

@@ -2,14 +2,17 @@
 
 Each method has one test result per seed. Δm% of a run is computed against the single-task
 baselines averaged over seeds (:mod:`manytask.evaluate.delta_m`), then averaged over seeds;
-``±`` is the sample standard deviation across seeds (omitted with one seed).
+``±`` is the sample standard deviation across seeds (omitted with one seed). With
+:meth:`Leaderboard.with_front`, a "Pareto" column marks the methods on the Pareto front of the
+seed-mean primary metrics (:mod:`manytask.evaluate.method_front`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,7 @@ from manytask.evaluate.delta_m import Results, delta_m
 from manytask.task import TaskSet
 
 BASELINE = "single-task"
+FRONT_MARK = "◆"
 
 
 @dataclass(frozen=True)
@@ -60,26 +64,35 @@ class Leaderboard:
     primary_metrics: dict[str, str]
     rows: list[Row]
     seeds: list[int]
+    front: frozenset[str] | None = None  # methods on the Pareto front; None: not computed
+
+    def with_front(self, members: Iterable[str]) -> Leaderboard:
+        """This leaderboard with the Pareto front members marked."""
+        return dataclasses.replace(self, front=frozenset(members))
 
     def to_dict(self) -> dict[str, Any]:
+        rows: list[dict[str, Any]] = []
+        for row in self.rows:
+            entry: dict[str, Any] = {
+                "method": row.method,
+                "primary": {t: s.to_dict() for t, s in row.primary.items()},
+                "delta_m": row.delta_m.to_dict(),
+                "seconds_per_epoch": row.seconds_per_epoch.to_dict(),
+            }
+            if self.front is not None:
+                entry["pareto_front"] = row.method in self.front
+            rows.append(entry)
         return {
             "tasks": self.tasks,
             "primary_metrics": self.primary_metrics,
             "seeds": self.seeds,
-            "rows": [
-                {
-                    "method": row.method,
-                    "primary": {t: s.to_dict() for t, s in row.primary.items()},
-                    "delta_m": row.delta_m.to_dict(),
-                    "seconds_per_epoch": row.seconds_per_epoch.to_dict(),
-                }
-                for row in self.rows
-            ],
+            "rows": rows,
         }
 
     def header(self) -> list[str]:
         metrics = [f"{t} {self.primary_metrics[t]}" for t in self.tasks]
-        return ["method", *metrics, "Δm% ↑", "s/epoch"]
+        pareto = [] if self.front is None else ["Pareto"]
+        return ["method", *metrics, "Δm% ↑", "s/epoch", *pareto]
 
     def cells(self) -> list[list[str]]:
         return [
@@ -88,6 +101,7 @@ class Leaderboard:
                 *(row.primary[t].format() for t in self.tasks),
                 row.delta_m.format(2, signed=True),
                 row.seconds_per_epoch.format(1),
+                *([] if self.front is None else [FRONT_MARK if row.method in self.front else ""]),
             ]
             for row in self.rows
         ]
@@ -105,6 +119,11 @@ class Leaderboard:
             f"single-task baselines (mean over seeds); s/epoch is training time only "
             f"({BASELINE}: the sum over its one-task models).\n"
         )
+        if self.front is not None:
+            note += (
+                f"{FRONT_MARK}: on the Pareto front of the methods' test primary metrics "
+                f"(mean over seeds; {BASELINE} is not a candidate); see pareto.json.\n"
+            )
         return "\n".join(lines) + "\n" + note
 
 

@@ -17,6 +17,8 @@ from manytask.data.bundle import DatasetBundle
 from manytask.errors import ConfigError, UnknownNameError
 from manytask.nn.base import MultiTaskModel
 from manytask.task import TaskSet
+from manytask.train.affinity import AffinityMonitor
+from manytask.train.loggers import build_sinks
 from manytask.train.rundir import RunDirectory
 from manytask.train.trainer import EarlyStopping, Trainer
 
@@ -119,6 +121,7 @@ class Experiment:
     model: MultiTaskModel
     balancer: balance.Balancer
     trainer: Trainer
+    monitor: AffinityMonitor | None = None  # config.monitor: task affinity during training
 
 
 def build_experiment(
@@ -149,6 +152,7 @@ def build_experiment(
     optimizer = build_optimizer(config.optimizer, [*model.parameters(), *balancer.parameters()])
     scheduler = build_scheduler(config.scheduler, optimizer) if config.scheduler else None
     train = config.train
+    monitor = AffinityMonitor.from_config(config.monitor) if config.monitor else None
     trainer = Trainer(
         model,
         tasks,
@@ -177,8 +181,9 @@ def build_experiment(
         amp=train.amp,
         log_every=train.log_every,
         progress=train.progress if progress is None else progress,
+        callbacks=[monitor] if monitor is not None else [],
     )
-    return Experiment(config, bundle, tasks, model, balancer, trainer)
+    return Experiment(config, bundle, tasks, model, balancer, trainer, monitor)
 
 
 def run_training(
@@ -192,6 +197,9 @@ def run_training(
     distributed.init_from_env()
     experiment = build_experiment(config, None, bundle, progress)  # bad input fails here, first
     path = config.run.dir / config.run_name
+    # TensorBoard / MLflow (run.loggers), rank 0 only; a missing package fails here, before the
+    # run directory is touched
+    sinks = build_sinks(config, path) if distributed.rank() == 0 else []
     if distributed.rank() == 0:
         run_dir = RunDirectory.create(path, overwrite=overwrite, resume=resume)
         if not resume:
@@ -200,6 +208,7 @@ def run_training(
     if distributed.rank() != 0:
         run_dir = RunDirectory(path)  # read-only on other ranks (to resume); rank 0 writes
     experiment.trainer.run_dir = run_dir
+    experiment.trainer.sinks = sinks
     experiment.trainer.display.print(f"data {config.data.name}: {experiment.bundle.describe()}")
     summary = experiment.trainer.fit(resume=resume)
     summary.update(
@@ -212,6 +221,8 @@ def run_training(
             "dataset": {"name": config.data.name, **experiment.bundle.info},
         }
     )
+    if experiment.monitor is not None:
+        summary["affinity"] = experiment.monitor.finish(experiment.trainer)
     if distributed.rank() == 0:
         run_dir.write_summary(summary)
     return summary

@@ -7,7 +7,10 @@ Layout of ``runs/<name>-compare/``::
     <method>/seed-<s>/            one run directory per method and seed
     <model>/<method>/seed-<s>/    … per architecture too, when several are compared
     leaderboard.json              the leaderboard (also printed)
-    leaderboard.md
+    leaderboard.md                … as Markdown; ◆ marks the methods on the Pareto front
+    pareto.json                   Pareto front and hypervolume of the test primary metrics
+    report.html                   the HTML report (leaderboard, Pareto plot, curves, weights,
+    plots/                        affinity); its figures as PNG files
 
 Every run sees the same splits (the dataset is built once) and, for a given seed, the same
 initialisation of the shared encoder and the same batch order. With ``models`` (architecture
@@ -27,6 +30,8 @@ from manytask import atomic, balance, registry
 from manytask.config import ComponentConfig, Config, TaskConfig
 from manytask.errors import ConfigError, RunExistsError
 from manytask.evaluate.leaderboard import BASELINE, Leaderboard, build_leaderboard
+from manytask.evaluate.method_front import compare_front
+from manytask.evaluate.report import ReportUnavailableError, write_report
 from manytask.train.build import load_dataset, run_training, select_tasks
 from manytask.train.rundir import RunDirectory
 
@@ -37,9 +42,11 @@ def compare_dir(config: Config) -> Path:
     return config.run.dir / f"{config.run_name}-compare"
 
 
-def _run(
+def run_in_place(
     config: Config, path: Path, resume: bool, announce: Announce, **kwargs: Any
 ) -> dict[str, Any]:
+    """Train ``config`` in the run directory ``path`` and return its summary; with ``resume``,
+    keep a finished run, continue an interrupted one, or start one that left no checkpoint."""
     done = RunDirectory(path).read_summary()
     if resume and done is not None and done.get("status") == "completed":
         announce(f"{path}: finished earlier, kept")
@@ -120,7 +127,7 @@ def compare(
                 }
             )
             path = root / BASELINE / name / f"seed-{seed}"
-            summary = _run(single, path, resume, announce, **kwargs)
+            summary = run_in_place(single, path, resume, announce, **kwargs)
             baselines[name].append(summary["test"])
             seconds += summary["seconds_per_epoch"]
         baseline_seconds.append(seconds)
@@ -139,13 +146,27 @@ def compare(
                         "model": model_spec,
                     }
                 )
-                summary = _run(run, folder / f"seed-{seed}", resume, announce, **kwargs)
+                summary = run_in_place(run, folder / f"seed-{seed}", resume, announce, **kwargs)
                 results[label].append((summary["test"], summary["seconds_per_epoch"]))
 
     board = build_leaderboard(tasks, baselines, baseline_seconds, results, seed_list)
+    front = compare_front(tasks, baselines, results, seed_list)
+    board = board.with_front(front.members)
+    atomic.write_json(root / "pareto.json", front.to_dict())
     atomic.write_json(root / "leaderboard.json", board.to_dict())
     atomic.write_text(root / "leaderboard.md", board.to_markdown())
+    _write_report(root, announce)
     return board
+
+
+def _write_report(root: Path, announce: Announce) -> None:
+    """``report.html``; without matplotlib the comparison still succeeds, and says so."""
+    try:
+        path = write_report([root])
+    except ReportUnavailableError as exc:
+        announce(f"no report.html: {exc}")
+        return
+    announce(f"report: {path}")
 
 
 def _balancer_spec(config: Config, method: str) -> ComponentConfig:

@@ -44,6 +44,7 @@ from manytask.errors import ConfigError, NonFiniteLossError
 from manytask.evaluate.metrics import task_metrics
 from manytask.nn.base import MultiTaskModel
 from manytask.task import TaskSet
+from manytask.train.loggers import MetricSink
 from manytask.train.progress import ProgressDisplay
 from manytask.train.rundir import RunDirectory
 from manytask.train.statefile import join_state, split_state
@@ -117,6 +118,10 @@ class Trainer:
             ``trainer.last_batch`` (this rank's share of the step's batch, on the device) and
             ``trainer.last_step`` (the :class:`~manytask.balance.BalanceStep` the balancer
             returned: weights, and gradient norms and cosines where the method formed them).
+        sinks: :class:`~manytask.train.loggers.MetricSink` objects (TensorBoard, MLflow) that
+            receive every per-epoch record written to ``metrics.jsonl`` and, at the end, the
+            test metrics (``{"test": {task: {metric: value}}}``); used on rank 0 only, started
+            by :meth:`fit` and closed when it returns or raises.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class Trainer:
         log_every: int = 20,
         progress: bool = True,
         callbacks: Sequence[StepCallback] = (),
+        sinks: Sequence[MetricSink] = (),
     ) -> None:
         if list(balancer.tasks) != list(tasks.names):
             raise ConfigError(
@@ -182,6 +188,7 @@ class Trainer:
         self.log_every = log_every
         self.display = ProgressDisplay(enabled=progress and distributed.rank() == 0)
         self.callbacks = list(callbacks)
+        self.sinks = list(sinks)
         self.state = TrainState()
         self._shared = list(model.shared_parameters())
         self._parameters = [*model.parameters(), *balancer.parameters()]
@@ -223,13 +230,32 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train (or continue training) and return the summary (also in ``summary.json``)."""
-        if resume:
-            self.load_checkpoint()
-        with self.display:
-            while self.state.epoch < self.epochs and not self.state.stopped_early:
-                self._train_epoch()
-                self._end_epoch()
-        return self._finish()
+        sinks = self.sinks if self.is_main else []
+        started: list[MetricSink] = []
+        try:
+            if resume:
+                self.load_checkpoint()
+            for sink in sinks:
+                sink.start(self.state.global_step)
+                started.append(sink)
+            with self.display:
+                while self.state.epoch < self.epochs and not self.state.stopped_early:
+                    self._train_epoch()
+                    self._end_epoch()
+            summary = self._finish()
+        except BaseException:
+            for sink in started:  # the training error is the one to see, not a sink's
+                with contextlib.suppress(Exception):
+                    sink.close(failed=True)
+            raise
+        for sink in started:
+            sink.close()
+        return summary
+
+    def _log_to_sinks(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            for sink in self.sinks:
+                sink.log(record, self.state.global_step)
 
     @torch.no_grad()
     def evaluate(self, data: MultiTaskDataset) -> Results:
@@ -430,6 +456,8 @@ class Trainer:
         if self.run_dir is not None and self.is_main:
             self.run_dir.append_metrics(record)
             state.metric_lines += 1
+        self._log_to_sinks(record)  # before the checkpoint, as metrics.jsonl
+        if self.run_dir is not None and self.is_main:
             self.save_checkpoint()
 
     def _finish(self) -> dict[str, Any]:
@@ -458,6 +486,7 @@ class Trainer:
             summary["val"] = self.evaluate(self.val_data)
         if self.test_data is not None:
             summary["test"] = self.evaluate(self.test_data)
+            self._log_to_sinks({"test": summary["test"]})
         if self.run_dir is not None and self.is_main:
             self.run_dir.write_summary(summary)
         return summary
