@@ -92,7 +92,7 @@ def _epoch_ticks(ax: Axes) -> None:
     """Whole epochs on the x axis, also when a run has one or two."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     low, high = ax.get_xlim()
-    if high - low < 2:  # one epoch: centre it, with a whole-number tick
+    if high - low < 1:  # one epoch: centre it, with a whole-number tick
         middle = round((low + high) / 2)
         ax.set_xlim(middle - 1, middle + 1)
 
