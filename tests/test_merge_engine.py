@@ -399,12 +399,14 @@ def test_plan_counts_bytes_and_estimates_peak_memory_on_a_hand_made_example(tmp_
     assert (result.largest_tensor, result.largest_shape, result.largest_numel) == ("c", (3, 4), 12)
     assert [c.nbytes for c in result.checkpoints] == [24 + 16 + 48 + 16] * 3
     assert result.shard_bytes == [24 + 16, 48 + 16]  # greedy shards of at most 64 B
-    # 3 inputs × largest × 4 B + the largest output tensor (the writer spools each to disk)
-    assert result.peak_memory_bytes == 3 * 12 * 4 + 48
+    # 3 inputs × largest × 4 B + the read buffer (the largest stored float tensor) + the largest
+    # output tensor (the writer spools each to disk)
+    assert result.read_buffer_bytes == 48
+    assert result.peak_memory_bytes == 3 * 12 * 4 + 48 + 48
     half = plan(models, ScaledSum(), base=base, dtype="float16", max_shard_size=10**6)
     assert half.output_bytes == (6 + 4 + 12) * 2 + 16 and half.shard_bytes == [60]
     no_base = plan(models, FirstModelMasked(), max_shard_size=10**6)
-    assert no_base.inputs_per_tensor == 2 and no_base.peak_memory_bytes == 2 * 48 + 48
+    assert no_base.inputs_per_tensor == 2 and no_base.peak_memory_bytes == 2 * 48 + 48 + 48
     assert "peak memory estimate: 3 inputs × 12 × 4 B" in result.to_text()
     assert not (tmp_path / "out").exists()
 
@@ -451,6 +453,13 @@ def test_report_statistics_of_a_tensor_spanning_several_slices_match_a_float64_r
     delta = merged.double() - base.double()
     assert row.delta_norm == pytest.approx(float(delta.norm()), rel=1e-6)
     assert row.delta_sparsity == float((merged - base == 0).double().mean())
+
+
+def test_report_counts_nan_and_infinite_entries_as_non_zero():
+    base = torch.zeros(6)
+    model = torch.tensor([0.0, float("nan"), float("inf"), -1.0, 0.0, 2.0])
+    row = tensor_stats("w", base, [model], model.clone(), "F32")
+    assert row.task_sparsity == [2 / 6] and row.delta_sparsity == 2 / 6
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,7 +80,6 @@ def test_safetensors_reads_are_fresh_buffers_in_every_dtype_and_shape(tmp_path):
     }
     save_file(stored, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
     with SafetensorsSource(tmp_path / "m.safetensors") as source:
-        assert source.fresh_reads
         for name, tensor in stored.items():
             read = source.get(name)
             assert read.dtype == tensor.dtype and read.shape == tensor.shape
@@ -88,6 +87,11 @@ def test_safetensors_reads_are_fresh_buffers_in_every_dtype_and_shape(tmp_path):
         first = source.get("bf")
         first.zero_()  # the reader hands out its own buffer: a later read is unaffected
         assert torch.equal(source.get("bf"), stored["bf"])
+        buffer = torch.empty(64, dtype=torch.uint8)
+        read = source.read_into("bf", buffer)  # a view of the caller's buffer
+        assert torch.equal(read, stored["bf"]) and read.data_ptr() == buffer.data_ptr()
+        with pytest.raises(ManytaskError, match="needs a 1-D uint8 buffer of at least"):
+            source.read_into("bf", torch.empty(8, dtype=torch.uint8))
     with pytest.raises(ManytaskError, match="was closed"):
         source.get("bf")
 
@@ -361,6 +365,35 @@ def test_tiny_shards_round_trip_exactly_with_an_index(tmp_path):
             restored = back.get(name)
             assert restored.dtype == torch.bfloat16 and torch.equal(restored, tensor)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("limit", [50, 10**6])
+def test_a_writer_with_a_layout_writes_the_same_bytes_as_a_spooling_one(tmp_path, limit):
+    g = torch.Generator().manual_seed(0)
+    data = {f"t{i}": torch.randn(3, 4, generator=g).to(torch.bfloat16) for i in range(5)}
+    data["count"] = torch.tensor(3)
+    layout = [(name, t.dtype, t.shape) for name, t in data.items()]
+    written = {}
+    for mode, plan in (("spooled", None), ("planned", layout)):
+        writer = ShardWriter(tmp_path / mode, limit, layout=plan)
+        for name, tensor in data.items():
+            writer.add(name, tensor)
+        written[mode] = {f.name: f.read_bytes() for f in writer.close()}
+    assert written["planned"] == written["spooled"]
+    assert len(written["planned"]) == (4 if limit == 50 else 1)
+    assert not [p for p in (tmp_path / "planned").iterdir() if p.name.startswith(".")]
+
+
+def test_a_writer_with_a_layout_refuses_tensors_out_of_plan_and_a_short_close(tmp_path):
+    layout = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    writer = ShardWriter(tmp_path / "x", 100, layout=layout)
+    with pytest.raises(ManytaskError, match=r"tensor 'b' .* arrived where the writer's layout"):
+        writer.add("b", torch.zeros(3))
+    with pytest.raises(ManytaskError, match="expects 'a' \\(torch.float32, \\[2\\]\\)"):
+        writer.add("a", torch.zeros(2, dtype=torch.float64))
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(ManytaskError, match="got 1 of 2 planned tensors; 'b'"):
+        writer.close()
 
 
 def test_one_shard_is_model_safetensors_without_an_index(tmp_path):

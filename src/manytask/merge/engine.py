@@ -7,10 +7,12 @@ is no base) the engine
    the headers before anything was read; an error names the tensor and the checkpoint);
 2. copies integer and boolean tensors (counters, indices, masks) from the reference when every
    model holds the same values, and stops with an error otherwise;
-3. converts floating-point tensors to float32 (private copies: a rule may work in place),
-   seeds a fresh ``torch.Generator`` with the CRC-32 of the name's UTF-8 bytes started from the
-   seed, ``zlib.crc32(name, seed)`` (32 bits, all that torch's CPU generator, mt19937, uses of
-   a seed; for one name, distinct seeds below 2³² give distinct generator seeds, since CRC-32 is
+3. converts floating-point tensors to float32 into buffers that the engine reuses for every
+   name (a rule may change the task models' tensors in place, not the base's: the report
+   reads the inputs before the rule runs and the base after), seeds a fresh
+   ``torch.Generator`` with the CRC-32 of the name's UTF-8 bytes started from the seed,
+   ``zlib.crc32(name, seed)`` (32 bits, all that torch's CPU generator, mt19937, uses of a
+   seed; for one name, distinct seeds below 2³² give distinct generator seeds, since CRC-32 is
    an invertible affine map of its start value), so random rules (DARE, DELLA …) give the same
    tensor whatever the order, threads or sharding;
 4. calls :meth:`MergeRule.merge_tensor`, casts the result to the base's dtype (or the requested
@@ -21,14 +23,20 @@ Two-pass rules (``two_pass = True``) first see every floating-point tensor throu
 ``extras/<output>/`` beside the merged one.
 
 **Memory.** At most one name's tensors are alive at once: the inputs in float32, the rule's
-working tensors, and the merged tensor until the writer has spooled it to disk.
+working tensors, and the merged tensor until the writer has spooled it to disk. The inputs live
+in buffers allocated once for the largest tensor and reused for every name: float32 space for
+the task models (one stack) and the base, and one byte buffer that file reads land in. Fresh
+allocations of that size cost page faults every time (the kernel zeroes each page): reading and
+converting into them took about four times as long as copying into memory already touched.
 :class:`MergePlan` estimates the peak as
 
 .. math::  n_\text{inputs} \cdot \text{numel}_\text{largest} \cdot 4\,\text{B}
-           + \text{largest output tensor},
+           + \text{read buffer} + \text{largest output tensor},
 
-with :math:`n_\text{inputs}` = task models + 1 with a base (the issue's estimate); the rule's own
-temporaries (its result, a stack of task vectors for TIES) come on top.
+with :math:`n_\text{inputs}` = task models + 1 with a base (the issue's estimate) and the read
+buffer the largest stored floating-point tensor's bytes; the rule's own temporaries (its result;
+TIES's magnitudes and masks) come on top. Rules that stack the task vectors use the engine's
+stack (:class:`~manytask.merge.rule.TensorRows`) instead of copying it.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ from manytask.merge.io import (
     staged_directory,
 )
 from manytask.merge.report import MergeReport
-from manytask.merge.rule import Merged, MergeRule
+from manytask.merge.rule import Merged, MergeRule, TensorRows
 
 #: a checkpoint: a path (file or folder), a state dict, or an open source
 ModelInput = Union[str, "os.PathLike[str]", Mapping[str, Tensor], TensorSource]
@@ -337,6 +345,7 @@ class MergePlan:
     output_bytes: int
     shard_bytes: list[int]
     largest_output_bytes: int = 0
+    read_buffer_bytes: int = 0
 
     @property
     def copied_tensors(self) -> int:
@@ -350,8 +359,13 @@ class MergePlan:
 
     @property
     def peak_memory_bytes(self) -> int:
-        """``inputs × numel(largest) × 4 B + largest output tensor`` (module docstring)."""
-        return self.inputs_per_tensor * self.largest_numel * 4 + self.output_buffer_bytes
+        """``inputs × numel(largest) × 4 B + read buffer + largest output tensor`` (module
+        docstring)."""
+        return (
+            self.inputs_per_tensor * self.largest_numel * 4
+            + self.read_buffer_bytes
+            + self.output_buffer_bytes
+        )
 
     @property
     def shard_files(self) -> list[str]:
@@ -403,7 +417,8 @@ class MergePlan:
             f"largest tensor: '{self.largest_tensor}' {list(self.largest_shape)} "
             f"({self.largest_numel:,} elements)",
             f"peak memory estimate: {self.inputs_per_tensor} inputs × {self.largest_numel:,} × 4 B "
-            f"(float32) + largest output tensor {format_bytes(self.output_buffer_bytes)} = "
+            f"(float32) + read buffer {format_bytes(self.read_buffer_bytes)} + largest output "
+            f"tensor {format_bytes(self.output_buffer_bytes)} = "
             f"{format_bytes(self.peak_memory_bytes)} (plus the rule's working tensors)",
         ]
         shards = len(self.shard_bytes)
@@ -467,6 +482,15 @@ def _make_plan(
         output_bytes=sum(sizes),
         shard_bytes=shard_sizes(sizes, max_shard_size),
         largest_output_bytes=max(sizes, default=0),
+        read_buffer_bytes=_read_buffer_bytes(inputs, checked),
+    )
+
+
+def _read_buffer_bytes(inputs: _Inputs, checked: list[tuple[str, TensorInfo]]) -> int:
+    """The largest floating-point tensor any input stores, in bytes."""
+    return max(
+        (s.info(n).nbytes for n, info in checked if info.is_floating for s in inputs.sources),
+        default=0,
     )
 
 
@@ -506,22 +530,44 @@ Writer = Callable[[str, Tensor], None]
 ExtraWriter = Callable[[str, str, Tensor], None]
 
 
-def _read32(source: TensorSource, name: str, info: TensorInfo) -> Tensor:
-    tensor = source.get(name)
-    if tuple(tensor.shape) != info.shape:
-        raise DataError(
-            f"tensor '{name}' read from {source.label} has shape {list(tensor.shape)}, but its "
-            f"header says {list(info.shape)}"
-        )
-    # a private copy (rules may work in place), made only when the read was not one already
-    return tensor.to(torch.float32, copy=not source.fresh_reads)
+class _Workspace:
+    """The buffers the inputs of every tensor name are read into (module docstring, Memory):
+    float32 space for the task models (one ``(T, …)`` stack) then the base, and the byte buffer
+    that file reads land in."""
 
+    def __init__(self, inputs: _Inputs, checked: list[tuple[str, TensorInfo]]) -> None:
+        numel = max((info.numel for _, info in checked if info.is_floating), default=0)
+        self.floats = torch.empty(len(inputs.sources) * numel)
+        self.raw = torch.empty(_read_buffer_bytes(inputs, checked), dtype=torch.uint8)
 
-def _read_floats(
-    inputs: _Inputs, name: str, info: TensorInfo
-) -> tuple[Tensor | None, list[Tensor]]:
-    base = _read32(inputs.base, name, info) if inputs.base is not None else None
-    return base, [_read32(source, name, info) for source in inputs.models]
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is a view of one of the buffers (and so changes with the next
+        name)."""
+        storage = tensor.untyped_storage().data_ptr()
+        return storage in (self.floats.untyped_storage().data_ptr(), self.raw.data_ptr())
+
+    def _read(self, source: TensorSource, name: str, info: TensorInfo, slot: int) -> Tensor:
+        tensor = source.read_into(name, self.raw)
+        if tuple(tensor.shape) != info.shape:
+            raise DataError(
+                f"tensor '{name}' read from {source.label} has shape {list(tensor.shape)}, but "
+                f"its header says {list(info.shape)}"
+            )
+        numel = info.numel
+        return self.floats[slot * numel : (slot + 1) * numel].view(info.shape).copy_(tensor)
+
+    def read_floats(
+        self, inputs: _Inputs, name: str, info: TensorInfo
+    ) -> tuple[Tensor | None, TensorRows]:
+        """The base's and the task models' tensors of ``name`` in float32; the models are the
+        rows of one ``(T, …)`` tensor."""
+        for slot, source in enumerate(inputs.models):
+            self._read(source, name, info, slot)
+        count, numel = len(inputs.models), info.numel
+        models = TensorRows(self.floats[: count * numel].view(count, *info.shape))
+        if inputs.base is None:
+            return None, models
+        return self._read(inputs.base, name, info, count), models
 
 
 def _copy_non_float(
@@ -583,6 +629,7 @@ def _stream_merge(
     done = 0
     timings: dict[str, float] = {}
     rule_base = inputs.base is not None and rule.needs_base
+    workspace = _Workspace(inputs, checked)
 
     def step() -> None:
         nonlocal done
@@ -595,15 +642,15 @@ def _stream_merge(
             start = time.perf_counter()
             for name, info in checked:
                 if info.is_floating:
-                    _observe_one(inputs, name, info, rule, rule_base)
+                    _observe_one(inputs, workspace, name, info, rule, rule_base)
                 step()
             timings["observe_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         for name, info in checked:
             if info.is_floating:
                 _merge_one(
-                    inputs, name, info, rule, rule_name, rule_base, seed, out_dtype, write,
-                    write_extra, report,
+                    inputs, workspace, name, info, rule, rule_name, rule_base, seed, out_dtype,
+                    write, write_extra, report,
                 )  # fmt: skip
             else:
                 _copy_non_float(inputs, name, info, non_float, write, report)
@@ -613,14 +660,20 @@ def _stream_merge(
 
 
 def _observe_one(
-    inputs: _Inputs, name: str, info: TensorInfo, rule: MergeRule, rule_base: bool
+    inputs: _Inputs,
+    workspace: _Workspace,
+    name: str,
+    info: TensorInfo,
+    rule: MergeRule,
+    rule_base: bool,
 ) -> None:
-    base, models = _read_floats(inputs, name, info)
+    base, models = workspace.read_floats(inputs, name, info)
     rule.observe(name, base if rule_base else None, models)
 
 
 def _merge_one(
     inputs: _Inputs,
+    workspace: _Workspace,
     name: str,
     info: TensorInfo,
     rule: MergeRule,
@@ -632,15 +685,20 @@ def _merge_one(
     write_extra: ExtraWriter,
     report: MergeReport | None,
 ) -> None:
-    base, models = _read_floats(inputs, name, info)
+    base, models = workspace.read_floats(inputs, name, info)
+    seen = report.observe_inputs(base, models) if report is not None else None
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     result = rule.merge_tensor(name, base if rule_base else None, models, generator)
     merged = _unpack(result, rule_name, name, info.shape)
-    if report is not None:
-        report.add(name, base, models, merged.tensor, _dtype_name(info.dtype))
-    write(name, merged.tensor.to(out_dtype or info.dtype))
+    if report is not None and seen is not None:
+        report.add(name, seen, base, merged.tensor, _dtype_name(info.dtype))
+
+    def owned(tensor: Tensor) -> Tensor:  # never hand out a view of the reused buffers
+        return tensor.clone() if workspace.holds(tensor) else tensor
+
+    write(name, owned(merged.tensor.to(out_dtype or info.dtype)))
     for output, extra in merged.extras.items():
-        write_extra(output, name, extra)
+        write_extra(output, name, owned(extra))
 
 
 def _check_extra_name(output: str, rule_name: str) -> None:
@@ -721,7 +779,11 @@ def merge(
         the_plan = _make_plan(inputs, checked, rule_obj, rule_name, out_dtype, limit, output)
         report = MergeReport(inputs.names, inputs.base is not None, rule_name)
         with staged_directory(output, overwrite) as stage:
-            writer = ShardWriter(stage, limit)
+            layout = [
+                (name, out_dtype if info.is_floating and out_dtype else info.dtype, info.shape)
+                for name, info in checked
+            ]  # known from the headers: each shard is written once, header first
+            writer = ShardWriter(stage, limit, layout=layout)
             side: dict[str, ShardWriter] = {}
 
             def write_extra(key: str, tensor_name: str, tensor: Tensor) -> None:

@@ -36,6 +36,7 @@ place only when complete, so an interrupted merge never leaves a half-written ou
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ import re
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -108,8 +109,6 @@ class TensorSource(ABC):
     """
 
     label: str
-    #: whether :meth:`get` returns a new tensor on every call (one the caller may modify)
-    fresh_reads: bool = False
 
     @abstractmethod
     def keys(self) -> list[str]:
@@ -121,8 +120,14 @@ class TensorSource(ABC):
 
     @abstractmethod
     def get(self, name: str) -> Tensor:
-        """Read tensor ``name`` as a CPU tensor. Unless :attr:`fresh_reads`, treat it as
-        read-only: it may be a view of a memory-mapped file, or the caller's own tensor."""
+        """Read tensor ``name`` as a CPU tensor. Treat it as read-only: it may be the caller's
+        own tensor."""
+
+    def read_into(self, name: str, buffer: Tensor) -> Tensor:
+        """Tensor ``name``, read into the front of the ``uint8`` tensor ``buffer`` by sources
+        that read files (the result is a view of ``buffer``, valid until it is reused); others
+        return :meth:`get`. Read-only, as :meth:`get`."""
+        return self.get(name)
 
     def close(self) -> None:  # noqa: B027 (a no-op default: most sources hold no file)
         """Release open files (the default holds none)."""
@@ -203,8 +208,6 @@ class SafetensorsSource(TensorSource):
     merge_scale.py``). Tensors are read as stored (little-endian, as the format prescribes).
     """
 
-    fresh_reads = True
-
     def __init__(self, path: str | Path, label: str | None = None) -> None:
         self.path = Path(path)
         self.label = label or f"'{self.path}'"
@@ -267,26 +270,39 @@ class SafetensorsSource(TensorSource):
         return list(self._keys)
 
     def info(self, name: str) -> TensorInfo:
-        if name not in self._stored:
-            raise self._missing(name)
-        return self._stored[name].info
+        return self._entry(name).info
 
     def get(self, name: str) -> Tensor:
-        if name not in self._stored:
-            raise self._missing(name)
+        """Tensor ``name`` in a buffer of its own (the caller may change it)."""
+        entry = self._entry(name)
+        return self.read_into(name, torch.empty(entry.end - entry.begin, dtype=torch.uint8))
+
+    def read_into(self, name: str, buffer: Tensor) -> Tensor:
+        entry = self._entry(name)
+        size = entry.end - entry.begin
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < size:
+            raise ManytaskError(
+                f"reading tensor '{name}' ({size} bytes) needs a 1-D uint8 buffer of at least "
+                f"that size; got {buffer.dtype} of shape {list(buffer.shape)}"
+            )
         if self._file is None:
             raise ManytaskError(f"{self.label} was closed; open it again to read '{name}'")
-        entry = self._stored[name]
-        buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
-        view = buffer.numpy().data  # a memoryview of the buffer
+        target = buffer[:size]
+        view = target.numpy().data  # a memoryview of the buffer
         self._file.seek(entry.begin)
         filled = 0
-        while filled < len(view):
+        while filled < size:
             count = self._file.readinto(view[filled:])
             if not count:
                 raise DataError(f"{self.label} ended while reading tensor '{name}'")
             filled += count
-        return buffer.view(entry.info.dtype).reshape(entry.info.shape)
+        return target.view(entry.info.dtype).reshape(entry.info.shape)
+
+    def _entry(self, name: str) -> _Stored:
+        try:
+            return self._stored[name]
+        except KeyError:
+            raise self._missing(name) from None
 
     def close(self) -> None:
         file, self._file = self._file, None
@@ -312,7 +328,6 @@ class ShardedSource(TensorSource):
         weight_map = _read_weight_map(self.path)
         opener = open_shard or SafetensorsSource
         self._shards: dict[str, TensorSource] = {}
-        self.fresh_reads = False
         self._where: dict[str, TensorSource] = {}
         self._keys: list[str] = []
         try:
@@ -339,7 +354,6 @@ class ShardedSource(TensorSource):
         except BaseException:
             self.close()
             raise
-        self.fresh_reads = all(shard.fresh_reads for shard in self._shards.values())
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -349,6 +363,9 @@ class ShardedSource(TensorSource):
 
     def get(self, name: str) -> Tensor:
         return self._shard(name).get(name)
+
+    def read_into(self, name: str, buffer: Tensor) -> Tensor:
+        return self._shard(name).read_into(name, buffer)
 
     def _shard(self, name: str) -> TensorSource:
         try:
@@ -793,18 +810,22 @@ def starts_new_shard(filled: int, size: int, max_shard_size: int) -> bool:
     return filled > 0 and filled + size > max_shard_size
 
 
-def shard_sizes(sizes: Iterable[int], max_shard_size: int) -> list[int]:
-    """The bytes of each shard that :class:`ShardWriter` writes for tensors of ``sizes``."""
-    shards: list[int] = []
+def _shard_groups(sizes: Iterable[int], max_shard_size: int) -> list[list[int]]:
+    """The sizes of the tensors each shard of :class:`ShardWriter` holds (one shard at least)."""
+    groups: list[list[int]] = [[]]
     filled = 0
     for size in sizes:
         if starts_new_shard(filled, size, max_shard_size):
-            shards.append(filled)
+            groups.append([])
             filled = 0
+        groups[-1].append(size)
         filled += size
-    if filled or not shards:
-        shards.append(filled)
-    return shards
+    return groups
+
+
+def shard_sizes(sizes: Iterable[int], max_shard_size: int) -> list[int]:
+    """The bytes of each shard that :class:`ShardWriter` writes for tensors of ``sizes``."""
+    return [sum(group) for group in _shard_groups(sizes, max_shard_size)]
 
 
 def shard_file_names(count: int, prefix: str = CHECKPOINT_PREFIX) -> list[str]:
@@ -831,20 +852,41 @@ _SAFETENSORS_DTYPES = {
 _COPY_CHUNK = 1 << 24  # bytes per read when the spooled data are copied into a shard
 
 
+#: a tensor the writer is told to expect: name, dtype, shape
+Planned = tuple[str, torch.dtype, Sequence[int]]
+
+
+def _header(entries: Mapping[str, Any]) -> bytes:
+    """A safetensors header: its length (8 bytes, little-endian) and the JSON, padded with
+    spaces so that the data start 8-byte aligned, as safetensors does."""
+    header = json.dumps(
+        {"__metadata__": SAFETENSORS_METADATA, **entries}, separators=(",", ":")
+    ).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
 class ShardWriter:
     """Write tensors, in order, into shards of at most ``max_shard_size`` bytes in ``directory``.
 
-    Each tensor's bytes go to a spool file on disk as soon as it is added, so the writer holds
-    no tensor in memory: only names, shapes and offsets. When a shard is full, its safetensors
-    file (the JSON header, then the spooled bytes, copied in 16 MiB chunks) is written under a
-    provisional name; :meth:`close` gives the shards their final names (``model.safetensors``
-    for one shard, ``model-0000i-of-0000N.safetensors`` plus the index
-    ``model.safetensors.index.json`` otherwise). Use it inside :func:`staged_directory` for an
-    atomic output.
+    The writer holds no tensor in memory: only names, shapes and offsets. With a ``layout`` (the
+    name, dtype and shape of every tensor to come, in order, as the merge engine knows them from
+    the checkpoint headers) each shard's header is known before its first tensor arrives, so the
+    shard file is written once, header first, each tensor's bytes as it is added. Without one,
+    each tensor's bytes go to a spool file on disk as soon as it is added, and when a shard is
+    full its safetensors file (the JSON header, then the spooled bytes, copied in 16 MiB chunks)
+    is written. Either way the shards are written under provisional names; :meth:`close` gives
+    them their final names (``model.safetensors`` for one shard,
+    ``model-0000i-of-0000N.safetensors`` plus the index ``model.safetensors.index.json``
+    otherwise). Use it inside :func:`staged_directory` for an atomic output.
     """
 
     def __init__(
-        self, directory: str | Path, max_shard_size: int, prefix: str = CHECKPOINT_PREFIX
+        self,
+        directory: str | Path,
+        max_shard_size: int,
+        prefix: str = CHECKPOINT_PREFIX,
+        layout: Sequence[Planned] | None = None,
     ) -> None:
         if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int):
             raise ConfigError(f"max_shard_size must be a number of bytes, got {max_shard_size!r}")
@@ -860,6 +902,14 @@ class ShardWriter:
         self._names: set[str] = set()
         self.total_size = 0
         self._closed = False
+        self._layout = None if layout is None else list(layout)
+        self._position = 0  # tensors of the layout added so far
+        self._direct: Any = None  # the open shard file, with a layout
+        self._ends: list[int] = []  # with a layout: the position after each shard's last tensor
+        if self._layout is not None:
+            sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in self._layout]
+            counts = [len(group) for group in _shard_groups(sizes, max_shard_size)]
+            self._ends = list(itertools.accumulate(counts))
 
     def add(self, name: str, tensor: Tensor) -> None:
         if self._closed:
@@ -870,6 +920,9 @@ class ShardWriter:
             raise ManytaskError(
                 f"tensor '{name}' has dtype {tensor.dtype}, which safetensors lacks"
             )
+        if self._layout is not None:
+            self._add_planned(name, tensor)
+            return
         size = tensor.numel() * tensor.element_size()
         if starts_new_shard(self._filled, size, self.max_shard_size):
             self._flush()
@@ -878,7 +931,7 @@ class ShardWriter:
             spool = self.directory / f".{self.prefix}-shard-{len(self._written) + 1:05d}.spool"
             self._spool = open(spool, "w+b")  # noqa: SIM115 - closed by _flush
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._spool.write(data.numpy().tobytes())
+        self._spool.write(data.numpy().data)  # no copy of the bytes
         self._names.add(name)
         self._entries[name] = {
             "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
@@ -888,20 +941,62 @@ class ShardWriter:
         self._filled += size
         self.total_size += size
 
-    def _flush(self) -> None:
+    def _partial_path(self) -> Path:
         index = len(self._written) + 1
-        path = self.directory / f".{self.prefix}-shard-{index:05d}.safetensors.partial"
+        return self.directory / f".{self.prefix}-shard-{index:05d}.safetensors.partial"
+
+    def _add_planned(self, name: str, tensor: Tensor) -> None:
+        assert self._layout is not None
+        if self._position >= len(self._layout):
+            raise ManytaskError(
+                f"tensor '{name}' was added after all {len(self._layout)} planned tensors"
+            )
+        expected, dtype, shape = self._layout[self._position]
+        if (name, tensor.dtype, list(tensor.shape)) != (expected, dtype, list(shape)):
+            raise ManytaskError(
+                f"tensor '{name}' ({tensor.dtype}, {list(tensor.shape)}) arrived where the "
+                f"writer's layout expects '{expected}' ({dtype}, {list(shape)})"
+            )
+        shard = len(self._written)
+        first = self._ends[shard - 1] if shard else 0
+        if self._direct is None:
+            entries: dict[str, Any] = {}
+            offset = 0
+            for planned_name, planned_dtype, planned_shape in self._layout[
+                first : self._ends[shard]
+            ]:
+                size = math.prod(planned_shape) * planned_dtype.itemsize
+                entries[planned_name] = {
+                    "dtype": _SAFETENSORS_DTYPES[planned_dtype],
+                    "shape": list(planned_shape),
+                    "data_offsets": [offset, offset + size],
+                }
+                offset += size
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._direct = open(self._partial_path(), "wb")  # noqa: SIM115 - closed below
+            self._direct.write(_header(entries))
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._direct.write(data.numpy().data)
+        self._names.add(name)
+        self.total_size += data.numel()
+        self._position += 1
+        if self._position == self._ends[shard]:
+            file, self._direct = self._direct, None
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
+            names = [n for n, _, _ in self._layout[first : self._position]]
+            self._written.append((Path(file.name), names))
+
+    def _flush(self) -> None:
+        path = self._partial_path()
         self.directory.mkdir(parents=True, exist_ok=True)
-        header = json.dumps(
-            {"__metadata__": SAFETENSORS_METADATA, **self._entries}, separators=(",", ":")
-        ).encode("utf-8")
-        header += b" " * (-len(header) % 8)  # the data start 8-byte aligned, as safetensors does
+        header = _header(self._entries)
         spool, names = self._spool, list(self._entries)
         self._spool, self._entries, self._filled = None, {}, 0
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as out:
-                out.write(len(header).to_bytes(8, "little"))
                 out.write(header)
                 if spool is not None:
                     spool.seek(0)
@@ -919,6 +1014,12 @@ class ShardWriter:
         """Write what is buffered, name the shards, write the index; return the files."""
         if self._closed:
             raise ManytaskError("the checkpoint writer is already closed")
+        if self._layout is not None and self._position < len(self._layout):
+            missing = self._layout[self._position][0]
+            raise ManytaskError(
+                f"the writer got {self._position} of {len(self._layout)} planned tensors; "
+                f"'{missing}' and any after it are missing"
+            )
         if self._entries or not self._written:
             self._flush()
         self._closed = True

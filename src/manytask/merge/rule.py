@@ -2,6 +2,8 @@
 
 A rule sees, for one tensor name at a time, the base model's tensor (``None`` for rules that need
 no base) and the task models' tensors, all in float32 on the CPU, and returns the merged tensor.
+It may change the task models' tensors in place (the engine's are private, the rows of a
+:class:`TensorRows`), never the base's.
 The engine (:mod:`manytask.merge.engine`) reads the checkpoints lazily, calls the rule once per
 name, casts the result back to the base's dtype and writes it, so peak memory holds only
 ``1 + len(models)`` tensors of one name at a time.
@@ -25,6 +27,17 @@ import torch
 from torch import Tensor
 
 from manytask.errors import ConfigError
+
+
+class TensorRows(list[Tensor]):
+    """The task models' tensors of one name as the engine hands them to a rule: the rows of one
+    ``(T, *shape)`` tensor, :attr:`stacked`, that the engine reads every name into and the rule
+    may change in place (:func:`~manytask.merge.methods.task_vectors.stack_rows` returns it
+    instead of copying the rows into a new stack)."""
+
+    def __init__(self, stacked: Tensor) -> None:
+        super().__init__(stacked.unbind(0))
+        self.stacked = stacked
 
 
 @dataclass(frozen=True)

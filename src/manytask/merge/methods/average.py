@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from manytask.merge.methods.combine import combine
-from manytask.merge.methods.task_vectors import WeightedRule
+from manytask.merge.methods.task_vectors import WeightedRule, stack_rows
 from manytask.registry import register
 
 
@@ -51,4 +51,4 @@ class WeightAverage(WeightedRule):
         generator: torch.Generator,
     ) -> Tensor:
         weights = self.weight_tensor(len(models))
-        return combine(torch.stack(list(models)), weights, "mean")
+        return combine(stack_rows(models), weights, "mean")

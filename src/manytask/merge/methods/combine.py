@@ -36,7 +36,12 @@ from torch import Tensor
 
 from manytask.merge.methods.param_checks import check_range
 from manytask.merge.methods.signs import disjoint_mean, disjoint_sum, elect_sign
-from manytask.merge.methods.task_vectors import TaskVectorRule, WeightedRule, weighted_sum
+from manytask.merge.methods.task_vectors import (
+    TaskVectorRule,
+    WeightedRule,
+    sum_rows,
+    weighted_sum,
+)
 
 Combine = Literal["sum", "mean", "ties", "ties_sum"]
 
@@ -48,7 +53,7 @@ def combine(vectors: Tensor, weights: Tensor | None, how: Combine) -> Tensor:
         return weighted_sum(vectors, weights)
     if how == "mean":
         if weights is None:
-            return vectors.mean(dim=0)
+            return sum_rows(vectors).div_(len(vectors))
         return weighted_sum(vectors, weights).div_(weights.sum())
     if how not in ("ties", "ties_sum"):
         raise ValueError(f"unknown way to combine task vectors: {how!r}")

@@ -14,21 +14,41 @@ import torch
 from torch import Tensor
 
 from manytask.merge.methods.param_checks import check_count, check_numbers
-from manytask.merge.rule import Merged, MergeRule
+from manytask.merge.rule import Merged, MergeRule, TensorRows
+
+
+def stack_rows(tensors: Sequence[Tensor]) -> Tensor:
+    """The ``(T, *shape)`` stack of ``tensors``: the engine's own stack when they are
+    :class:`~manytask.merge.rule.TensorRows` (rules may change it in place), else a new
+    tensor."""
+    if isinstance(tensors, TensorRows):
+        return tensors.stacked
+    return torch.stack(list(tensors))
 
 
 def base_and_vectors(base: Tensor | None, models: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """The base tensor and the ``(T, *shape)`` stack of its task vectors
-    :math:`\\tau_t = \\theta_t - \\theta_0` (one allocation of ``T`` tensors)."""
+    :math:`\\tau_t = \\theta_t - \\theta_0`, formed in place in the engine's stack (its rows
+    then hold the task vectors) or in one new allocation of ``T`` tensors."""
     if base is None:
         raise ValueError("a task-vector rule needs the base model's tensor; base is None")
-    return base, torch.stack(list(models)).sub_(base)
+    return base, stack_rows(models).sub_(base)
+
+
+def sum_rows(vectors: Tensor) -> Tensor:
+    """:math:`\\sum_t v_t` over the first axis as a chain of in-place additions, which runs at
+    memory speed: ``vectors.sum(dim=0)`` reduced a ``(3, 65M)`` float32 stack 3.6× slower on
+    one CPU thread."""
+    total = vectors[0].clone()
+    for row in vectors[1:]:
+        total.add_(row)
+    return total
 
 
 def weighted_sum(vectors: Tensor, weights: Tensor | None = None) -> Tensor:
     """:math:`\\sum_t w_t v_t` over the first axis (plain sum when ``weights`` is None)."""
     if weights is None:
-        return vectors.sum(dim=0)
+        return sum_rows(vectors)
     summed: Tensor = torch.tensordot(weights.to(vectors.dtype), vectors, dims=([0], [0]))
     return summed
 
