@@ -5,7 +5,8 @@ Each tool merges the same checkpoints with the same rule and parameters, in a pr
 
 - *peak RSS*: the child's peak resident set size (``ru_maxrss`` from ``os.wait4``), what
   ``/usr/bin/time -v`` reports. It counts the pages of memory-mapped checkpoint files that the
-  process has touched (safetensors files are read through ``mmap``), which the kernel can drop;
+  process has touched (mergekit and FusionBench read safetensors files through ``mmap``;
+  manytask reads them with positioned reads), which the kernel can drop;
 - *peak anon*: the peak of its anonymous memory (``RssAnon`` in ``/proc/PID/status``, polled
   every 50 ms): the memory the process allocated, which is what runs a machine out of memory.
 
