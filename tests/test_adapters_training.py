@@ -158,3 +158,22 @@ def test_heads_must_match_the_adapters_tasks_and_inputs_need_task_ids():
     model = ad.MultiTaskAdapterModel(adapted, {"a": torch.nn.Identity(), "b": torch.nn.Identity()})
     with pytest.raises(mt.ConfigError, match="'task_ids'"):
         model({"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+
+
+def test_mean_pooling_averages_the_tokens_the_attention_mask_keeps():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.equal(ad.mean_tokens(hidden, mask), torch.tensor([[2.0, 3.0]]))
+    assert torch.allclose(ad.mean_tokens(hidden), hidden.mean(dim=1))
+    adapted = ad.inject(bert(), "lora", ["query", "value"], TASKS.names, rank=2)
+    heads = {"a": torch.nn.Identity(), "b": torch.nn.Identity()}
+    model = ad.MultiTaskAdapterModel(adapted, heads, pooling="mean").eval()
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    outputs = model({"input_ids": ids, "attention_mask": mask, "task_ids": torch.tensor([0, 1])})
+    with torch.no_grad():
+        states = adapted(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+    expected = ad.mean_tokens(states, mask)
+    assert torch.allclose(outputs["a"], expected) and torch.allclose(outputs["b"], expected)
+    with pytest.raises(mt.ConfigError, match="pooling must be 'first' or 'mean'"):
+        ad.MultiTaskAdapterModel(adapted, heads, pooling="max")  # type: ignore[arg-type]

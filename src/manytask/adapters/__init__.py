@@ -30,7 +30,7 @@ from manytask.adapters.alignment import alignment_loss
 from manytask.adapters.context import TaskContext, TaskIds
 from manytask.adapters.layer import AdapterLayer
 from manytask.adapters.model import AdaptedModel, build_spec, find_modules, inject
-from manytask.adapters.multitask import MultiTaskAdapterModel, first_token
+from manytask.adapters.multitask import MultiTaskAdapterModel, first_token, mean_tokens
 from manytask.adapters.routers import SoftTokenRouter, TaskRouter, TopKTokenRouter
 from manytask.adapters.spec import AdapterSpec, RouterSpec
 from manytask.adapters.storage import load_adapters, read_adapter_meta, save_adapters
@@ -52,6 +52,7 @@ __all__ = [
     "first_token",
     "inject",
     "load_adapters",
+    "mean_tokens",
     "methods",
     "read_adapter_meta",
     "save_adapters",

@@ -16,7 +16,7 @@ of one mixed batch, which any balancer combines::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -27,16 +27,34 @@ from manytask.nn.base import MultiTaskModel
 Features = Callable[[Any], Tensor]
 
 
-def first_token(output: Any) -> Tensor:
-    """The backbone's features for the heads: a tensor as it is, ``(N, L, d)`` → its first
-    token, a Hugging Face output → ``last_hidden_state[:, 0]`` (the ``[CLS]`` position)."""
+def _hidden(output: Any) -> Tensor:
     hidden = getattr(output, "last_hidden_state", output)
     if not isinstance(hidden, Tensor):
         raise ConfigError(
             f"cannot read features from a {type(output).__name__}; pass features=... that maps "
             "the backbone's output to a (batch, d) tensor"
         )
+    return hidden
+
+
+def first_token(output: Any) -> Tensor:
+    """The backbone's features for the heads: a tensor as it is, ``(N, L, d)`` → its first
+    token, a Hugging Face output → ``last_hidden_state[:, 0]`` (the ``[CLS]`` position)."""
+    hidden = _hidden(output)
     return hidden[:, 0] if hidden.dim() == 3 else hidden
+
+
+def mean_tokens(output: Any, attention_mask: Tensor | None = None) -> Tensor:
+    """The mean over the tokens of ``(N, L, d)`` hidden states (a Hugging Face output's
+    ``last_hidden_state``), counting only the positions where ``attention_mask`` is 1 (all when it
+    is None): the pooling sentence transformers such as all-MiniLM-L6-v2 were trained with."""
+    hidden = _hidden(output)
+    if hidden.dim() != 3:
+        return hidden
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
 class MultiTaskAdapterModel(MultiTaskModel):
@@ -45,16 +63,22 @@ class MultiTaskAdapterModel(MultiTaskModel):
     Args:
         adapted: the adapted backbone (see :func:`~manytask.adapters.inject`).
         heads: one module per task, keyed and ordered like ``adapted.task_names``.
-        features: maps the backbone's output to ``(batch, d)`` (default :func:`first_token`).
+        features: maps the backbone's output to ``(batch, d)``; default by ``pooling``.
+        pooling: ``"first"`` (:func:`first_token`, the ``[CLS]`` position) or ``"mean"``
+            (:func:`mean_tokens` over the positions the inputs' ``attention_mask`` keeps); used
+            when ``features`` is not given.
     """
 
     def __init__(
         self,
         adapted: AdaptedModel,
         heads: Mapping[str, nn.Module],
-        features: Features = first_token,
+        features: Features | None = None,
+        pooling: Literal["first", "mean"] = "first",
     ) -> None:
         super().__init__()
+        if pooling not in ("first", "mean"):
+            raise ConfigError(f"pooling must be 'first' or 'mean', got {pooling!r}")
         if list(heads) != list(adapted.task_names):
             raise ConfigError(
                 f"heads must be given for the adapter's tasks in order {list(adapted.task_names)}; "
@@ -63,6 +87,7 @@ class MultiTaskAdapterModel(MultiTaskModel):
         self.adapted = adapted
         self.heads = nn.ModuleDict(dict(heads))
         self.features = features
+        self.pooling = pooling
         self.task_names = adapted.task_names
 
     def forward(  # type: ignore[override]
@@ -74,7 +99,13 @@ class MultiTaskAdapterModel(MultiTaskModel):
                 "index per sample) and the backbone's keyword arguments"
             )
         kwargs = {key: value for key, value in inputs.items() if key != "task_ids"}
-        shared = self.features(self.adapted(task_ids=inputs["task_ids"], **kwargs))
+        output = self.adapted(task_ids=inputs["task_ids"], **kwargs)
+        if self.features is not None:
+            shared = self.features(output)
+        elif self.pooling == "mean":
+            shared = mean_tokens(output, kwargs.get("attention_mask"))
+        else:
+            shared = first_token(output)
         if not return_features:
             return {name: head(shared) for name, head in self.heads.items()}
         # the views must share one base: the features themselves, not the backbone output they
