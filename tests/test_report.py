@@ -17,6 +17,8 @@ from manytask.errors import ConfigError, ManytaskError
 from manytask.evaluate.report import write_report
 from manytask.evaluate.report.reading import Affinity, read_sources
 
+from .tiny_compare import write_config
+
 PNG = b"\x89PNG\r\n\x1a\n"
 TASKS = ["y1", "y2"]
 
@@ -242,22 +244,10 @@ def test_cli_report_writes_the_page_and_fails_cleanly(tmp_path: Path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
-CONFIG = {
-    "name": "rep",
-    "seed": 1,
-    "data": {"name": "mmoe_synthetic", "n_train": 128, "n_val": 32, "n_test": 32, "input_dim": 8},
-    "model": {"name": "shared_bottom", "encoder": {"name": "mlp", "hidden": [8]}},
-    "balancer": {"name": "ew"},
-    "optimizer": {"name": "adam", "lr": 0.01},
-    "train": {"epochs": 1, "batch_size": 64, "checkpoint_every": 0},
-}
-
-
 def test_compare_writes_pareto_json_the_marked_leaderboard_and_the_report(tmp_path: Path):
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "run": {"dir": str(tmp_path / "runs")}}))
+    path = write_config(tmp_path / "c.yaml", tmp_path / "runs")
     assert main(["compare", str(path), "--methods", "ew,uw", "--seeds", "1", "--quiet"]) == 0
-    root = tmp_path / "runs" / "rep-compare"
+    root = tmp_path / "runs" / "tiny-compare"
     pareto = json.loads((root / "pareto.json").read_text())
     assert [o["task"] for o in pareto["objectives"]] == ["y1", "y2"]
     assert {m["method"] for m in pareto["methods"]} == {"ew", "uw"} and pareto["front"]

@@ -17,27 +17,18 @@ import struct
 from pathlib import Path
 
 import pytest
-import yaml
 
 from manytask.cli import main
 from manytask.evaluate.report import write_report
 
 from .chromium import CHROMIUM, Browser
+from .tiny_compare import write_config
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
-    reason="Debian's chromium is not installed (apt-get install chromium, or `make data` as root)",
+    reason="Debian's chromium is not installed (apt-get install chromium; `make browser` as root)",
 )
 
-CONFIG = {
-    "name": "browser",
-    "seed": 1,
-    "data": {"name": "mmoe_synthetic", "n_train": 128, "n_val": 32, "n_test": 32, "input_dim": 8},
-    "model": {"name": "shared_bottom", "encoder": {"name": "mlp", "hidden": [8]}},
-    "balancer": {"name": "ew"},
-    "optimizer": {"name": "adam", "lr": 0.01},
-    "train": {"epochs": 1, "batch_size": 64, "checkpoint_every": 0},
-}
 AFFINITY = {
     "tasks": ["y1", "y2"],
     "lookahead": [[0.12, 0.04], [-0.02, 0.1]],
@@ -65,10 +56,9 @@ def compare_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two methods, one seed, one epoch; the affinity summary is added by hand (the monitor that
     measures it is not part of this test), then the report is written again."""
     folder = tmp_path_factory.mktemp("compare")
-    path = folder / "c.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "run": {"dir": str(folder / "runs")}}))
+    path = write_config(folder / "c.yaml", folder / "runs")
     assert main(["compare", str(path), "--methods", "ew,uw", "--seeds", "1", "--quiet"]) == 0
-    root = folder / "runs" / "browser-compare"
+    root = folder / "runs" / "tiny-compare"
     assert (root / "report.html").exists()  # compare wrote it already
     summary_path = root / "uw" / "seed-1" / "summary.json"
     summary = json.loads(summary_path.read_text())
