@@ -58,3 +58,19 @@ def setup(tasks: int = 2, seed: int = 0, batches: int = 3, batch: int = 4) -> Se
     ]
     data = [[torch.randn(batch, 4, generator=g) for _ in range(batches)] for _ in range(tasks)]
     return Setup(base, models, heads, data)
+
+
+# named as `module:function` by the merge configs of tests/test_merge_fitted_cli.py
+CLI_SETUP = setup(tasks=2, seed=0)
+
+
+def cli_factory(task: int) -> Net:
+    return CLI_SETUP.factory(task)
+
+
+def cli_data() -> list[list[Tensor]]:
+    return CLI_SETUP.data
+
+
+def cli_data_for_one_model() -> list[list[Tensor]]:
+    return CLI_SETUP.data[:1]

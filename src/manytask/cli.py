@@ -8,6 +8,7 @@ stops on a NaN loss exits with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from manytask import __version__, distributed, merge, registry
 from manytask.config import Config, load_config
 from manytask.errors import ManytaskError, NonFiniteLossError
 from manytask.evaluate.leaderboard import Leaderboard
+from manytask.merge.config import MergeConfig
 
 LIST_KINDS = {
     "balancers": "balancer",
@@ -179,8 +181,44 @@ def _list(console: Console, kind: str | None) -> None:
         console.print(table)
 
 
+def _fitted_merge(console: Console, args: argparse.Namespace, config: MergeConfig) -> int:
+    from manytask.merge.fitted.from_config import build_fitted, fitted_merge
+
+    if args.dry_run:
+        build_fitted(config)  # the rule's parameters and the imports are checked
+        assert config.fitted is not None
+        console.print(
+            f"fitted merge: rule '{config.rule}' over {len(config.models)} task model(s) "
+            f"({', '.join(e.name for e in config.models)}), read whole; factory "
+            f"{config.fitted.factory}, data {config.fitted.data}; output {config.output_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 0
+    waiting = console.status(f"fitting {config.rule}") if not args.quiet else None
+    with waiting if waiting is not None else contextlib.nullcontext():
+        result = fitted_merge(config, overwrite=args.overwrite)
+    console.print(
+        f"merged {result.summary['tensors']} tensors ({result.summary['parameters']:,} "
+        f"parameters) with {config.rule} in {result.summary['seconds']:.1f} s",
+        highlight=False,
+    )
+    console.print(f"output: {result.output}", highlight=False)
+    return 0
+
+
 def _merge(console: Console, args: argparse.Namespace) -> int:
+    from manytask.merge.fitted.from_config import is_fitted
+
     config = merge.load_merge_config(args.config, args.overrides)
+    if is_fitted(config.rule):
+        return _fitted_merge(console, args, config)
+    if config.fitted is not None:
+        raise ManytaskError(
+            f"the config has a 'fitted' section but rule '{config.rule}' is data-free; remove "
+            "the section, or choose a fitted rule (fisher, regmean, adamerging_task, "
+            "adamerging_layer)"
+        )
     if args.dry_run:
         plan = merge.plan(**config.merge_kwargs())
         console.print(plan.to_text(), highlight=False, soft_wrap=True)

@@ -14,6 +14,14 @@
     allow_pickle_conversion: false      # read .bin/.pt/.pth with torch.load(weights_only=True)
     non_float: must_match               # or from_base: integer/bool tensors copied from the base
 
+A fitted rule (``fisher``, ``regmean``, ``adamerging_task``, ``adamerging_layer``) also needs
+the code that builds each task's model and reads its data, named as ``module:function``::
+
+    fitted:
+      factory: mytasks.models:task_model  # task_model(i) -> task i's nn.Module (head loaded)
+      data: mytasks.data:unlabeled        # unlabeled() -> one iterable of input batches per model
+      cache: runs/stats                   # optional: statistics kept for the next merge
+
 The YAML reading, ``--set`` overrides and error formatting are those of
 :mod:`manytask.config`.
 """
@@ -83,6 +91,14 @@ class OutputConfig(StrictModel):
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # checked by parse_merge_config
 
 
+class FittedConfig(StrictModel):
+    """What a fitted rule reads besides the checkpoints: importable ``module:function`` names."""
+
+    factory: str = Field(min_length=1, description="module:function; function(i) -> nn.Module")
+    data: str = Field(min_length=1, description="module:function; function() -> batches per model")
+    cache: Path | None = Field(default=None, description="folder for the rule's statistics")
+
+
 class MergeConfig(StrictModel):
     """One merge: base, task models, rule and parameters, seed and output."""
 
@@ -95,6 +111,7 @@ class MergeConfig(StrictModel):
     output: OutputConfig = OutputConfig()
     allow_pickle_conversion: bool = False
     non_float: Literal["must_match", "from_base"] = "must_match"
+    fitted: FittedConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
