@@ -369,7 +369,9 @@ def build_report(paths: Sequence[str | Path], output: str | Path | None = None) 
             f"the report is an HTML file; give an output ending in .html, got '{target}'"
         )
     page = Page()
-    names = [s.name if isinstance(s, CompareDir) else "runs" for s in sources]
+    names = [
+        s.name if isinstance(s, CompareDir) else ", ".join(r.label for r in s.runs) for s in sources
+    ]
     title = f"manytask report: {', '.join(names)}"
     page.heading(1, title)
     page.add(
