@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import manytask as mt
 from manytask.data import TensorMultiTaskDataset
 from manytask.data.bundle import DatasetBundle
+from manytask.train import Trainer
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
@@ -38,6 +40,30 @@ def fake_fashion_root(tmp_path: Path) -> Path:
     write_idx(root / "t10k-images-idx3-ubyte", rng.integers(0, 256, (40, 28, 28)), compress=False)
     write_idx(root / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 40), compress=False)
     return root
+
+
+def tiny_trainer(
+    bundle: DatasetBundle,
+    hidden: int = 16,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+    lr: float = 1e-2,
+    **kwargs: Any,
+) -> Trainer:
+    """An equal-weighting shared-bottom MLP (one hidden layer, seeded) on ``bundle``; other
+    keyword arguments go to the Trainer (no progress bar unless asked)."""
+    torch.manual_seed(0)
+    model = mt.nn.SharedBottom(mt.nn.MLPEncoder(bundle.input_shape, [hidden]), bundle.tasks)
+    balancer = mt.balance.get("ew", bundle.tasks.names)
+    return Trainer(
+        model,
+        bundle.tasks,
+        balancer,
+        optimizer(model.parameters(), lr=lr),
+        bundle.train,
+        bundle.val,
+        bundle.test,
+        **{"progress": False, **kwargs},
+    )
 
 
 def tiny_regression_bundle(n: int = 256, seed: int = 0) -> DatasetBundle:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import manytask as mt
 from manytask.config import parse_config
 from manytask.errors import ConfigError, ManytaskError
 from manytask.train import RunDirectory, Trainer
@@ -23,7 +22,7 @@ from manytask.train.loggers import (
     mlflow_name,
 )
 
-from .conftest import tiny_regression_bundle
+from .conftest import tiny_regression_bundle, tiny_trainer
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
@@ -168,24 +167,9 @@ class RecordingSink:
 
 
 def _trainer(sink, **kwargs) -> Trainer:
-    torch.manual_seed(0)
     bundle = tiny_regression_bundle(n=64)
-    model = mt.nn.SharedBottom(mt.nn.MLPEncoder(bundle.input_shape, [4]), bundle.tasks)
-    balancer = mt.balance.get("ew", bundle.tasks.names)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    return Trainer(
-        model,
-        bundle.tasks,
-        balancer,
-        optimizer,
-        bundle.train,
-        bundle.val,
-        bundle.test,
-        epochs=2,
-        batch_size=16,
-        progress=False,
-        sinks=[sink],
-        **kwargs,
+    return tiny_trainer(
+        bundle, 4, torch.optim.SGD, 0.01, epochs=2, batch_size=16, sinks=[sink], **kwargs
     )
 
 

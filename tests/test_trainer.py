@@ -17,7 +17,7 @@ from manytask.train import RunDirectory, Trainer
 from manytask.train.build import build_experiment, run_training
 from manytask.train.trainer import EarlyStopping, epoch_order
 
-from .conftest import tiny_regression_bundle
+from .conftest import tiny_regression_bundle, tiny_trainer
 
 
 def _config(tmp_path: Path, **train) -> dict:
@@ -44,22 +44,9 @@ def _config(tmp_path: Path, **train) -> dict:
 
 
 def _trainer(bundle, tmp_path=None, **kwargs) -> Trainer:
-    torch.manual_seed(0)
-    model = mt.nn.SharedBottom(mt.nn.MLPEncoder(bundle.input_shape, [16]), bundle.tasks)
-    balancer = mt.balance.get("ew", bundle.tasks.names)
-    optimizer = torch.optim.Adam(model.parameters(), lr=kwargs.pop("lr", 1e-2))
     run_dir = RunDirectory.create(tmp_path / "run") if tmp_path is not None else None
-    defaults = {"epochs": 3, "batch_size": 16, "progress": False, "run_dir": run_dir}
-    return Trainer(
-        model,
-        bundle.tasks,
-        balancer,
-        optimizer,
-        bundle.train,
-        bundle.val,
-        bundle.test,
-        **{**defaults, **kwargs},
-    )
+    defaults = {"epochs": 3, "batch_size": 16, "run_dir": run_dir}
+    return tiny_trainer(bundle, lr=kwargs.pop("lr", 1e-2), **{**defaults, **kwargs})
 
 
 KILL_SCRIPT = textwrap.dedent(

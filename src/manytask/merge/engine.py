@@ -541,10 +541,9 @@ class _Workspace:
         self.raw = torch.empty(_read_buffer_bytes(inputs, checked), dtype=torch.uint8)
 
     def holds(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` is a view of one of the buffers (and so changes with the next
-        name)."""
-        storage = tensor.untyped_storage().data_ptr()
-        return storage in (self.floats.untyped_storage().data_ptr(), self.raw.data_ptr())
+        """Whether ``tensor`` is a view of the float32 inputs (and so changes with the next
+        name); a rule's result can be nothing else of the workspace."""
+        return tensor.untyped_storage().data_ptr() == self.floats.untyped_storage().data_ptr()
 
     def _read(self, source: TensorSource, name: str, info: TensorInfo, slot: int) -> Tensor:
         tensor = source.read_into(name, self.raw)
