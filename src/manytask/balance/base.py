@@ -267,6 +267,7 @@ class _GradientMethod(Balancer):
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
         self.mode: Mode = "parameters"
+        self._rows = engine.RowBuffer()  # the per-task gradients' memory, reused every step
 
     @abc.abstractmethod
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
@@ -322,14 +323,14 @@ class _GradientMethod(Balancer):
         if self.mode == "features":
             feats = engine.as_feature_list(features)
             if engine.are_task_views(feats, len(items)):
-                engine.one_pass_feature_backward(scaled, feats, combine)
+                engine.one_pass_feature_backward(scaled, feats, combine, self._rows)
             else:
                 direction = combine(engine.feature_jacobian(scaled, feats))
                 engine.backward_through_features(torch.stack(scaled).sum(), feats, direction)
         else:
             params = list(shared) if shared is not None else []
             stash = engine.stash_gradients(params)
-            jacobian = engine.shared_jacobian(scaled, params)
+            jacobian = engine.shared_jacobian(scaled, params, self._rows)
             distributed.all_reduce_mean_(jacobian)
             engine.set_shared_gradients(params, combine(jacobian), stash)
             synced = tuple(params)

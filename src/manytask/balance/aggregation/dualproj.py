@@ -17,8 +17,8 @@ and, by Proposition 1 of Quinton and Rey, with :math:`G = JJ^\top`,
     w = \arg\min_{v \ge \mathbf 1 / T} v^\top G v, \qquad d = J^\top w .
 
 The quadratic program is solved by
-:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64; an active-set method with a
-KKT certificate on a CPU, the interior-point method otherwise; see
+:func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64; block principal pivoting with
+a KKT certificate on a CPU, the interior-point method otherwise; see
 :class:`~manytask.balance.aggregation.upgrad.DualConeWeighting`, shared with UPGrad).
 
 Properties: non-conflicting (``Jd ≥ 0``), homogeneous and independent of the task order.

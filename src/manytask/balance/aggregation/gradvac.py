@@ -49,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,35 +65,65 @@ def gradvac_weights(
     """GradVac's weights on the original gradients and the updated targets.
 
     ``orders[i]`` is a permutation of all task indices: the order in which task ``i`` visits
-    the others (it skips itself). ``targets`` is the ``(T, T)`` matrix of EMA targets.
+    the others (it skips itself). ``targets`` is the ``(T, T)`` matrix of EMA targets. The
+    ``T`` rounds are ~20 operations on length-``T`` vectors each; on a CPU they run in numpy,
+    whose small operations cost a quarter of torch's (0.7 against 3 ms at 40 tasks).
     """
-    g = gramian.double()
+    g = gramian.detach().double()
+    phi_hat = targets.detach().to(g)
+    if g.device.type == "cpu":
+        with np.errstate(all="ignore"):  # a non-finite Gramian (AMP overflow): as torch, silent
+            weights, updated = _rounds(np, g.numpy(), phi_hat.numpy(), orders.numpy(), beta)
+        weights, updated = torch.from_numpy(weights), torch.from_numpy(updated)
+    else:
+        weights, updated = _rounds(torch, g, phi_hat, orders, beta)
+    return weights.to(gramian.dtype), updated
+
+
+def _rounds(xp: Any, g: Any, targets: Any, orders: Any, beta: float) -> tuple[Any, Any]:
+    """Algorithm 1 on the Gramian, for numpy arrays (``xp = numpy``) or tensors (``torch``).
+
+    Row ``i`` of ``coeff`` holds :math:`g_i^{PC}` in the basis of the original gradients; it
+    changes in one entry per round, so the inner products of the :math:`g_i^{PC}` with every
+    :math:`g_m` (``products``) and their squared norms (``square``) are updated in place rather
+    than recomputed. Every pair is visited once per step, so the targets it reads are those at
+    the start of the step, and the EMA is applied after the rounds.
+    """
     t = g.shape[0]
-    phi_hat = targets.to(g).clone()
-    coeff = torch.eye(t, dtype=g.dtype, device=g.device)  # row i: g_i^PC in the basis of g_m
-    rows = torch.arange(t, device=g.device)
-    norms = g.diagonal().clamp_min(0).sqrt()
+    rows = xp.arange(t)
+    diagonal = g[rows, rows]
+    visited = (rows[:, None], orders)  # [i, k] -> the pair (i, orders[i, k])
+    target = targets[visited]
+    root_target = (1.0 - target * target).clip(min=0) ** 0.5
+    other = orders != rows[:, None]
+    partner_norm = diagonal.clip(min=0)[orders] ** 0.5
+    usable = other & (partner_norm > 0)
+    partner_norm = xp.where(usable, partner_norm, 1.0)
+    partner_rows = g[orders]  # [i, k]: inner products of g_j with every g_m
+    partner_square = diagonal[orders]
+    coeff = xp.zeros_like(g)
+    coeff[rows, rows] = 1.0
+    products = 1.0 * g
+    square = 1.0 * diagonal
+    phis = xp.zeros_like(target)
     for k in range(t):
         j = orders[:, k]
-        other = j != rows
-        products = coeff @ g  # row i: inner products of g_i^PC with every g_m
         dot = products[rows, j]
-        norm_i = (products * coeff).sum(dim=1).clamp_min(0).sqrt()
-        norm_j = norms[j]
-        valid = other & (norm_i > 0) & (norm_j > 0)
-        safe_norm_j = torch.where(valid, norm_j, torch.ones_like(norm_j))
-        safe_norm_i = torch.where(valid, norm_i, torch.ones_like(norm_i))
-        phi = torch.where(valid, dot / (safe_norm_i * safe_norm_j), torch.zeros_like(dot))
-        phi = phi.clamp(-1.0, 1.0)
-        target = phi_hat[rows, j]
-        root_phi = (1.0 - phi * phi).clamp_min(0).sqrt()
-        root_target = (1.0 - target * target).clamp_min(0).sqrt()
-        step = (norm_i / safe_norm_j) * (target * root_phi - phi * root_target)
-        step = step / root_target.clamp_min(1e-12)
-        correct = valid & (phi < target)
-        coeff[rows, j] += torch.where(correct, step, torch.zeros_like(step))
-        phi_hat[rows, j] = torch.where(other, (1.0 - beta) * target + beta * phi, target)
-    return coeff.sum(dim=0).to(gramian.dtype), phi_hat
+        norm_i = square.clip(min=0) ** 0.5
+        valid = usable[:, k] & (norm_i > 0)
+        phi = xp.where(valid, dot / (xp.where(valid, norm_i, 1.0) * partner_norm[:, k]), 0.0)
+        phi = phi.clip(-1.0, 1.0)
+        goal, root_goal = target[:, k], root_target[:, k]
+        root_phi = (1.0 - phi * phi).clip(min=0) ** 0.5
+        step = (norm_i / partner_norm[:, k]) * (goal * root_phi - phi * root_goal)
+        step = xp.where(valid & (phi < goal), step / root_goal.clip(min=1e-12), 0.0)
+        coeff[rows, j] += step
+        products += step[:, None] * partner_rows[:, k]
+        square += step * (2.0 * dot + step * partner_square[:, k])
+        phis[:, k] = phi
+    updated = 1.0 * targets
+    updated[visited] = xp.where(other, (1.0 - beta) * target + beta * phis, target)
+    return coeff.sum(0), updated
 
 
 @registry.register(

@@ -19,9 +19,9 @@ conflict with none of them). By Proposition 1, :math:`\pi_J(J^\top u) = J^\top v
 
 The ``T`` small quadratic programs are solved by
 :func:`~manytask.balance.solvers.qp.dual_cone_weights` (float64) to the KKT accuracy of the
-float64 Gramian: on a CPU by an active-set method with a KKT certificate, otherwise (and for the
-problems it cannot certify) by an interior-point method, all ``T`` in one batch without host
-synchronisation.
+float64 Gramian, all ``T`` in one batch: on a CPU by block principal pivoting (exact solves on
+guessed supports, kept only with a KKT certificate), otherwise (and for the problems it cannot
+certify) by an interior-point method without host synchronisation.
 
 Properties (those the paper proves for UPGrad): ``Jd ≥ 0`` (non-conflicting),
 ``A(cJ) = cA(J)`` (homogeneous) and independent of the task order.

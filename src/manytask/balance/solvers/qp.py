@@ -23,13 +23,16 @@ the directions agree with quadprog's to ``1e-8`` of the largest gradient norm wh
 itself accurate (``tests/test_solvers_qp.py``). Unlike projected-gradient methods, the
 iteration count does not grow with the condition number of ``A``.
 
-On a CPU a problem whose linear term has at most four negative entries (a projection onto the
-dual cone that few gradients conflict with) is first solved by a primal active-set method
-(:func:`_active_set`, the scheme of Lawson and Hanson's NNLS with the exact minimiser on each
-support): a handful of small solves instead of ~15 Newton iterations. Its answer is kept only
-when it satisfies the KKT conditions to ``1e-12``; the interior-point method solves the other
-problems, those it cannot certify (a singular ``A`` on the support), and all problems on
-accelerators.
+On a CPU the interior point is the fallback, not the first resort. All problems are first
+solved together by block principal pivoting (:func:`_pivoting`): guess the support (where
+``z > 0``), solve the equality-constrained problem on it exactly (one batched Cholesky
+factorisation for all columns), move every coordinate that violates the KKT conditions to the
+other side, and repeat. Full-rank dual-cone problems with up to 40 tasks settle in 1 to 4 rounds,
+and each answer is kept only with a KKT certificate to ``1e-12``. The problems it cannot certify
+(a singular ``A`` on a support, from rank-deficient Gramians or duplicate tasks) go to the
+interior point, which on a CPU also tries, every few iterations, the support its iterates point
+to (a crossover). On 40 conflicting tasks this takes the projections of UPGrad from 9.4 ms to
+0.8 ms on a 2-core CPU.
 
 :func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
 (Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
@@ -38,7 +41,6 @@ accelerators.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,60 +54,83 @@ _REGULARIZATION = 1e-12
 _TOLERANCE = 1e-14
 
 
-#: problems whose linear term has at most this many negative entries go to the active-set
-#: method on a CPU (each costs one small solve per support change, ~40 µs on a 2-core CPU,
-#: against ~0.25 ms per iteration of the batched interior point at 40 tasks)
-_ACTIVE_SET_SIZE = 4
-#: the active-set answer is kept when its KKT residuals are below this, relative to ``max|b|``
+#: KKT residuals below this, relative to ``max(1, max|b|)``, certify an answer found on a
+#: support (the problem is scaled to a unit mean diagonal of ``A``)
 _CERTIFIED = 1e-12
+#: on a CPU, rounds of block principal pivoting before the interior point takes over (the
+#: dual-cone problems of well-conditioned Gramians with up to 40 tasks settle in 1 to 4 from the
+#: guess ``b < 0``; badly conditioned ones take up to about 12)
+_PIVOT_ROUNDS = 12
+#: rounds a column may exchange all its violating coordinates without lowering their number
+_PIVOT_CHANCES = 3
+#: on a CPU the interior point tries the support its iterates point to every this many
+#: iterations (a try costs about one iteration; most supports are found after 8 to 12)
+_CROSSOVER_EVERY = 4
 
 
-def _active_set(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    """``argmin_{z ≥ 0} ½ zᵀAz + bᵀz`` by a primal active-set method, or ``None``.
+def _support_solve(a: Tensor, b: Tensor, support: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For each column ``k`` of ``b`` (``(T, K)``), the minimiser that is zero off the support
+    ``S = support[:, k]``: ``A_SS z_S = −b_S``, clipped at zero.
 
-    From ``z = 0``, the coordinate with the most negative gradient joins the support ``S``;
-    the minimiser of the problem restricted to ``S`` (``A_SS z_S = −b_S``) is taken when it is
-    positive, and otherwise approached as far as ``z ≥ 0`` allows, the coordinates that reach
-    zero leaving ``S``. The objective decreases strictly, so no support repeats. ``None`` when
-    some ``A_SS`` is not positive definite or the result misses the KKT conditions
-    (``z ≥ 0``, ``∇ = Az + b ≥ 0``, ``∇_S = 0``) by more than ``1e-12·max(1, max|b|)``.
+    All columns share one batched Cholesky factorisation (each system is padded with the
+    identity off its support). Returns ``z``, whether each column is certified optimal — the
+    factorisation succeeded and the KKT conditions hold to ``1e-12·max(1, max|b|)``: ``z ≥ 0``,
+    a zero gradient ``Az + b`` on the support, a non-negative one off it — and the coordinates
+    that violate them (``z < 0`` on the support, a negative gradient off it).
     """
-    t = b.shape[0]
-    tol = _CERTIFIED * max(1.0, float(np.abs(b).max()))
-    z = np.zeros(t)
-    support = np.zeros(t, dtype=bool)
-    gradient = b.copy()
-    for _ in range(3 * t + 1):
-        off = np.flatnonzero(~support)
-        if off.size == 0 or gradient[off].min() >= -tol:
-            on = np.flatnonzero(support)
-            if on.size and np.abs(gradient[on]).max() > tol:
-                return None
-            return z
-        support[off[np.argmin(gradient[off])]] = True
-        while True:
-            on = np.flatnonzero(support)
-            block = a[np.ix_(on, on)]
-            try:
-                np.linalg.cholesky(block)
-            except np.linalg.LinAlgError:
-                return None
-            target = np.linalg.solve(block, -b[on])
-            if (target > 0).all():
-                z[:] = 0.0
-                z[on] = target
-                break
-            current = z[on]
-            falling = target <= 0
-            alpha = float((current[falling] / (current[falling] - target[falling])).min())
-            z[on] = current + alpha * (target - current)
-            leaving = on[falling & (z[on] <= tol * 1e-3)]
-            if leaving.size == 0:
-                leaving = on[falling][np.argmin(z[on][falling])]
-            z[leaving] = 0.0
-            support[leaving] = False
-        gradient = a @ z + b
-    return None
+    t = a.shape[0]
+    on = support.T  # (K, T)
+    eye = torch.eye(t, dtype=a.dtype, device=a.device)
+    factor, info = torch.linalg.cholesky_ex(torch.where(on.unsqueeze(2) & on.unsqueeze(1), a, eye))
+    rhs = torch.where(on, -b.T, torch.zeros_like(b.T)).unsqueeze(-1)
+    z = torch.cholesky_solve(rhs, factor).squeeze(-1).T
+    z = torch.where(support, z, torch.zeros_like(z))
+    tol = _CERTIFIED * b.abs().amax(dim=0).clamp_min(1.0)
+    violated = support & (z < -tol) | ~support & (a @ z + b < -tol)
+    z = z.clamp_min(0.0)
+    gradient = a @ z + b
+    stationary = torch.where(support, gradient.abs() <= tol, gradient >= -tol).all(dim=0)
+    certified = (info == 0) & ~violated.any(dim=0) & stationary
+    return z, certified, violated & (info == 0)
+
+
+def _pivoting(a: Tensor, b: Tensor, support: Tensor, rounds: int) -> tuple[Tensor, Tensor]:
+    """Block principal pivoting (Júdice and Pires, *Computers & Operations Research* 21(5),
+    1994, with the safeguard of Kim and Park's NNLS, *SIAM J. Sci. Comput.* 33(6), 2011) for
+    the columns of ``b`` (``(T, K)``) at once, from the guessed ``support``.
+
+    Each round solves on the supports (:func:`_support_solve`); a column it certifies is done.
+    In the others every violating coordinate changes sides (a negative ``z`` leaves the
+    support, a negative gradient joins it) while that lowers the number of violations, or did
+    within the last 3 rounds; otherwise only the violating coordinate of largest index does
+    (Murty's rule, which cannot cycle). Returns the answers and which columns are certified; a
+    column that is not (a singular ``A_SS``, or ``rounds`` used up) is left to the interior
+    point.
+    """
+    t, k = b.shape
+    result = torch.zeros_like(b)
+    done = torch.zeros(k, dtype=torch.bool, device=b.device)
+    left = torch.arange(k, device=b.device)
+    fewest = torch.full((k,), t + 1, device=b.device)
+    chances = torch.full((k,), _PIVOT_CHANCES, device=b.device)
+    index = torch.arange(t, device=b.device).unsqueeze(1)
+    for _ in range(rounds):
+        z, certified, violated = _support_solve(a, b[:, left], support)
+        result[:, left[certified]] = z[:, certified]
+        done[left[certified]] = True
+        count = violated.sum(dim=0)
+        moving = ~certified & (count > 0)
+        if not bool(moving.any()):
+            break
+        fewer = count < fewest
+        chances = torch.where(fewer, _PIVOT_CHANCES, chances - 1)
+        fewest = torch.minimum(fewest, count)
+        last = torch.where(violated, index, -1).amax(dim=0)
+        swapped = torch.where(chances >= 0, violated, index == last)
+        keep = moving
+        left, support = left[keep], (support ^ swapped)[:, keep]
+        fewest, chances = fewest[keep], chances[keep]
+    return result, done
 
 
 def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
@@ -114,12 +139,37 @@ def _step_to_boundary(x: Tensor, dx: Tensor) -> Tensor:
     return ratio.amin(dim=0)
 
 
-def _interior_point(a: Tensor, b: Tensor, iterations: int) -> Tensor:
-    """The Mehrotra iteration for one problem (``b``: ``(T,)``) or a batch (``(T, K)``)."""
+def _interior_point(a: Tensor, b: Tensor, iterations: int, crossover: bool = False) -> Tensor:
+    """The Mehrotra iteration for one problem (``b``: ``(T,)``) or a batch (``(T, K)``).
+
+    With ``crossover`` (CPU only: it reads the certificates), every few iterations the support
+    the iterates point to (``z_i > s_i``) is handed to :func:`_support_solve`; the columns it
+    certifies are final and leave the batch.
+    """
+    if crossover:
+        columns = b.reshape(b.shape[0], -1)
+        result = torch.zeros_like(columns)
+        left = torch.arange(columns.shape[1], device=b.device)
+        z = torch.ones_like(columns)
+        s = torch.ones_like(columns)
+        for start in range(0, iterations, _CROSSOVER_EVERY):
+            count = min(_CROSSOVER_EVERY, iterations - start)
+            z, s = _mehrotra(a, columns[:, left], z, s, count)
+            exact, certified, _ = _support_solve(a, columns[:, left], z > s)
+            result[:, left[certified]] = exact[:, certified]
+            keep = ~certified
+            left, z, s = left[keep], z[:, keep], s[:, keep]
+            if left.numel() == 0:
+                break
+        result[:, left] = z
+        return result.reshape(b.shape)
+    return _mehrotra(a, b, torch.ones_like(b), torch.ones_like(b), iterations)[0]
+
+
+def _mehrotra(a: Tensor, b: Tensor, z: Tensor, s: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """``iterations`` Mehrotra steps from the primal–dual point ``(z, s)``."""
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     regularized = a + _REGULARIZATION * eye
-    z = torch.ones_like(b)
-    s = torch.ones_like(b)
     may_stop = a.device.type == "cpu"  # reading a CPU tensor waits for no device
     for _ in range(iterations):
         residual = a @ z + b - s  # dual residual
@@ -151,7 +201,7 @@ def _interior_point(a: Tensor, b: Tensor, iterations: int) -> Tensor:
         alpha = (0.995 * alpha).clamp(max=1.0)
         z = z + alpha * dz
         s = s + alpha * ds
-    return z
+    return z, s
 
 
 def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor:
@@ -163,10 +213,13 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
         iterations: interior-point iterations.
 
     The problem must be bounded below (true for every use here). When ``A`` is singular the
-    minimiser need not be unique; the iterates approach the centre of the set of minimisers.
-    On a CPU the problems with few negative entries in ``b`` go to :func:`_active_set` first;
-    the others are solved as one batch by the interior-point method (one batched Cholesky
-    factorisation per iteration).
+    minimiser need not be unique; the interior-point iterates approach the centre of the set of
+    minimisers. On a CPU all columns first go through :func:`_pivoting` from the support
+    ``b < 0`` (the coordinates whose gradient at zero descends); the columns it does not
+    certify are solved as one batch by the interior-point method (one batched Cholesky
+    factorisation per iteration), with a crossover to :func:`_support_solve` every few
+    iterations. Elsewhere the interior point solves every column (certificates would read
+    values back to the host).
     """
     a = quadratic.double()
     a = 0.5 * (a + a.T)
@@ -181,18 +234,10 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     if a.device.type != "cpu":
         return _interior_point(a, b, iterations)
     columns = b.reshape(t, -1)
-    a_np, b_np = a.numpy(), columns.numpy()
-    # the active set adds one coordinate per iteration, about as many as b has negative
-    # entries: beyond a few, the batched interior point is the faster of the two
-    small = (b_np < 0).sum(axis=0) <= _ACTIVE_SET_SIZE
-    solved = [_active_set(a_np, b_np[:, k]) if small[k] else None for k in range(columns.shape[1])]
-    result = torch.empty_like(columns)
-    hard = [k for k, z in enumerate(solved) if z is None]
-    for k, z in enumerate(solved):
-        if z is not None:
-            result[:, k] = torch.from_numpy(z)
-    if hard:
-        result[:, hard] = _interior_point(a, columns[:, hard], iterations)
+    result, certified = _pivoting(a, columns, columns < 0, _PIVOT_ROUNDS)
+    if not bool(certified.all()):
+        hard = ~certified
+        result[:, hard] = _interior_point(a, columns[:, hard], iterations, crossover=True)
     return result.reshape(b.shape)
 
 
