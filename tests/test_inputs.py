@@ -51,6 +51,21 @@ def test_gradients_reach_only_the_rows_used():
     assert used.tolist() == [True, False, False, False, True, False, False]
 
 
+def test_lookup_equals_nn_embedding_with_repeated_codes():
+    # the CPU path gathers with index_select (its backward is an index_add); values and
+    # gradients equal nn.Embedding's, codes repeated across rows accumulating
+    layer = TabularInput(COLUMNS, embedding_dim=3)
+    x = torch.tensor([[0.1, 0.2, 1.0, 2.0], [0.3, 0.4, 1.0, 2.0], [0.5, 0.6, 0.0, 9.0]])
+    weights = torch.randn(x.shape[0], layer.out_features)
+    (layer(x) * weights).sum().backward()
+    reference = torch.nn.Embedding.from_pretrained(layer.embedding.weight.detach(), freeze=False)
+    rows = torch.tensor([[1, 5], [1, 5], [0, 6]])  # codes + offsets (3 + code; 9 → missing, 3)
+    embedded = reference(rows).flatten(1)
+    (embedded * weights[:, 2:]).sum().backward()
+    assert torch.equal(layer(x)[:, 2:], embedded)
+    assert torch.allclose(layer.embedding.weight.grad, reference.weight.grad, atol=1e-6)
+
+
 def test_bad_columns_are_refused():
     with pytest.raises(ConfigError, match="unique"):
         Columns(numeric=("a",), categorical=(("a", 2),))
