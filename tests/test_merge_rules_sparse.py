@@ -66,9 +66,10 @@ def test_block_top_mask_keeps_n_of_every_m_and_a_share_of_the_tail():
 
 
 def test_drop_and_rescale_keeps_entries_where_the_uniform_draw_is_below_density():
-    # DARE: τ̃ = m ⊙ τ / d with m = [u < d], u drawn from the generator in order
+    # DARE: τ̃ = m ⊙ τ / d with m = [u < d], u drawn from the generator entry by entry, the two
+    # task vectors' draws of an entry together (draw k is entry k // 2 of task k % 2)
     vectors = torch.arange(1.0, 13.0).reshape(2, 6)
-    draws = torch.rand(vectors.shape, generator=gen(7))
+    draws = torch.rand(12, generator=gen(7)).reshape(6, 2).T
     expected = torch.where(draws < 0.3, vectors / 0.3, 0.0)
     torch.testing.assert_close(drop_and_rescale(vectors, 0.3, gen(7)), expected)
 
@@ -154,11 +155,20 @@ def test_ties_rejects_bad_parameters(params, message):
 # --- DARE -----------------------------------------------------------------------------------
 
 
+def entry_draws(vectors: torch.Tensor, seed: int) -> torch.Tensor:
+    """The first tensor's generator of ``run`` (seeded ``seed·1000``), drawn entry by entry as
+    DARE draws, as a ``(T, n)`` tensor."""
+    generator = torch.Generator().manual_seed(seed * 1000)
+    count, numel = vectors.shape[0], vectors[0].numel()
+    return torch.rand(numel * count, generator=generator).reshape(numel, count).T
+
+
 def test_dare_linear_adds_the_dropped_and_rescaled_task_vectors():
-    # θ = θ0 + λ Σ_t [u_t < d] τ_t / d with u the (T, *shape) draws of the tensor's generator
+    # θ = θ0 + λ Σ_t [u_t < d] τ_t / d with u the tensor's generator's draws, entry by entry
+    # (the T draws of an entry together)
     base, models = t(1, 1, 1, 1), [t(2, 3, 4, 5), t(0, -1, 1, 2)]
     vectors = torch.stack(models) - base
-    draws = torch.rand(vectors.shape, generator=torch.Generator().manual_seed(0))
+    draws = entry_draws(vectors, seed=0)
     expected = base + 0.5 * torch.where(draws < 0.6, vectors / 0.6, 0.0).sum(dim=0)
     close(run(DareLinear(density=0.6, scale=0.5), base, models), expected)
 
@@ -181,7 +191,7 @@ def test_dare_ties_elects_signs_on_the_rescaled_vectors():
     # expected from the formula with the generator's draws: drop, elect, disjoint mean
     base, models = t(0, 0, 0, 0), CONFLICT
     vectors = torch.stack(models)
-    draws = torch.rand(vectors.shape, generator=torch.Generator().manual_seed(0))
+    draws = entry_draws(vectors, seed=0)
     dropped = torch.where(draws < 0.5, vectors / 0.5, 0.0)
     sign = dropped.sum(dim=0).sign()
     agree = (dropped.sign() == sign) & (dropped != 0)

@@ -37,12 +37,20 @@ with :math:`n_\text{inputs}` = task models + 1 with a base (the issue's estimate
 buffer the largest stored floating-point tensor's bytes; the rule's own temporaries (its result;
 TIES's magnitudes and masks) come on top. Rules that stack the task vectors use the engine's
 stack (:class:`~manytask.merge.rule.TensorRows`) instead of copying it.
+
+**Blocks of rows.** With a rule that merges entry by entry (:meth:`MergeRule.entrywise`), a
+tensor whose float32 inputs exceed ``_BLOCK_BYTES`` (8 MiB) is read, merged and gathered into
+its output a block of rows at a time, when every input reads rows alone
+(:attr:`~manytask.merge.io.TensorSource.reads_rows`); the buffers are then sized for the largest
+block, and the estimate counts a block instead of the tensor. One generator serves the whole
+tensor, and entrywise rules draw entry by entry, so the result does not depend on the blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -346,6 +354,10 @@ class MergePlan:
     shard_bytes: list[int]
     largest_output_bytes: int = 0
     read_buffer_bytes: int = 0
+    #: entries of one input held at once: the largest tensor, or less when large tensors are
+    #: merged a block of rows at a time (``blocked_tensors`` of them)
+    held_numel: int = 0
+    blocked_tensors: int = 0
 
     @property
     def copied_tensors(self) -> int:
@@ -359,10 +371,10 @@ class MergePlan:
 
     @property
     def peak_memory_bytes(self) -> int:
-        """``inputs × numel(largest) × 4 B + read buffer + largest output tensor`` (module
-        docstring)."""
+        """``inputs × held entries × 4 B + read buffer + largest output tensor`` (module
+        docstring); the held entries are the largest tensor's unless tensors go in blocks."""
         return (
-            self.inputs_per_tensor * self.largest_numel * 4
+            self.inputs_per_tensor * self.held_numel * 4
             + self.read_buffer_bytes
             + self.output_buffer_bytes
         )
@@ -386,6 +398,8 @@ class MergePlan:
                 "numel": self.largest_numel,
             },
             "inputs_per_tensor": self.inputs_per_tensor,
+            "held_numel": self.held_numel,
+            "blocked_tensors": self.blocked_tensors,
             "output_buffer_bytes": self.output_buffer_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
             "output": None if self.output is None else str(self.output),
@@ -416,11 +430,17 @@ class MergePlan:
             f"copied), {self.parameters:,} parameters",
             f"largest tensor: '{self.largest_tensor}' {list(self.largest_shape)} "
             f"({self.largest_numel:,} elements)",
-            f"peak memory estimate: {self.inputs_per_tensor} inputs × {self.largest_numel:,} × 4 B "
+            f"peak memory estimate: {self.inputs_per_tensor} inputs × {self.held_numel:,} × 4 B "
             f"(float32) + read buffer {format_bytes(self.read_buffer_bytes)} + largest output "
             f"tensor {format_bytes(self.output_buffer_bytes)} = "
             f"{format_bytes(self.peak_memory_bytes)} (plus the rule's working tensors)",
         ]
+        if self.blocked_tensors:
+            lines.append(
+                f"merged a block of rows at a time (the rule is entrywise): "
+                f"{self.blocked_tensors} tensor(s) of more than {format_bytes(_BLOCK_BYTES)} of "
+                "float32 inputs"
+            )
         shards = len(self.shard_bytes)
         files = self.shard_files[0] if shards == 1 else f"{shards} shards"
         lines.append(
@@ -465,6 +485,8 @@ def _make_plan(
         for _, info in checked
     ]
     largest_name, largest = max(checked, key=lambda item: item[1].numel, default=("", None))
+    blocks = _block_rows(inputs, checked, rule)
+    held = [_held_numel(info, blocks.get(name)) for name, info in checked if info.is_floating]
     return MergePlan(
         rule=rule_name,
         two_pass=rule.two_pass,
@@ -482,14 +504,23 @@ def _make_plan(
         output_bytes=sum(sizes),
         shard_bytes=shard_sizes(sizes, max_shard_size),
         largest_output_bytes=max(sizes, default=0),
-        read_buffer_bytes=_read_buffer_bytes(inputs, checked),
+        read_buffer_bytes=_read_buffer_bytes(inputs, checked, blocks),
+        held_numel=max(held, default=0),
+        blocked_tensors=len(blocks),
     )
 
 
-def _read_buffer_bytes(inputs: _Inputs, checked: list[tuple[str, TensorInfo]]) -> int:
-    """The largest floating-point tensor any input stores, in bytes."""
+def _read_buffer_bytes(
+    inputs: _Inputs, checked: list[tuple[str, TensorInfo]], blocks: dict[str, int]
+) -> int:
+    """The largest floating-point tensor (or block of rows) any input stores, in bytes."""
     return max(
-        (s.info(n).nbytes for n, info in checked if info.is_floating for s in inputs.sources),
+        (
+            _held_numel(s.info(n), blocks.get(n)) * s.info(n).dtype.itemsize
+            for n, info in checked
+            if info.is_floating
+            for s in inputs.sources
+        ),
         default=0,
     )
 
@@ -530,43 +561,82 @@ Writer = Callable[[str, Tensor], None]
 ExtraWriter = Callable[[str, str, Tensor], None]
 
 
+#: a tensor whose float32 inputs (the task models and the base) take more than this is merged a
+#: block of rows at a time by a rule that merges entry by entry (MergeRule.entrywise), when every
+#: input can read a block of rows alone; the blocks are at least one row
+_BLOCK_BYTES = 8 << 20
+
+
+def _block_rows(
+    inputs: _Inputs, checked: list[tuple[str, TensorInfo]], rule: MergeRule
+) -> dict[str, int]:
+    """Rows per block of the tensor names merged in blocks (module docstring, Memory)."""
+    if rule.two_pass or not rule.entrywise() or not all(s.reads_rows for s in inputs.sources):
+        return {}
+    count = len(inputs.sources)
+    blocks = {}
+    for name, info in checked:
+        if not info.is_floating or len(info.shape) < 1 or info.numel * 4 * count <= _BLOCK_BYTES:
+            continue
+        rows = max(1, _BLOCK_BYTES // (info.numel // info.shape[0] * 4 * count))
+        if rows < info.shape[0]:
+            blocks[name] = rows
+    return blocks
+
+
+def _held_numel(info: TensorInfo, rows: int | None) -> int:
+    """Entries of one input held at once: the tensor, or one block of ``rows`` rows."""
+    return info.numel if rows is None else info.numel // info.shape[0] * rows
+
+
 class _Workspace:
     """The buffers the inputs of every tensor name are read into (module docstring, Memory):
     float32 space for the task models (one ``(T, …)`` stack) then the base, and the byte buffer
-    that file reads land in."""
+    that file reads land in; sized for the largest tensor or block."""
 
-    def __init__(self, inputs: _Inputs, checked: list[tuple[str, TensorInfo]]) -> None:
-        numel = max((info.numel for _, info in checked if info.is_floating), default=0)
+    def __init__(
+        self, inputs: _Inputs, checked: list[tuple[str, TensorInfo]], blocks: dict[str, int]
+    ) -> None:
+        numel = max(
+            (_held_numel(info, blocks.get(name)) for name, info in checked if info.is_floating),
+            default=0,
+        )
         self.floats = torch.empty(len(inputs.sources) * numel)
-        self.raw = torch.empty(_read_buffer_bytes(inputs, checked), dtype=torch.uint8)
+        self.raw = torch.empty(_read_buffer_bytes(inputs, checked, blocks), dtype=torch.uint8)
 
     def holds(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is a view of the float32 inputs (and so changes with the next
         name); a rule's result can be nothing else of the workspace."""
         return tensor.untyped_storage().data_ptr() == self.floats.untyped_storage().data_ptr()
 
-    def _read(self, source: TensorSource, name: str, info: TensorInfo, slot: int) -> Tensor:
-        tensor = source.read_into(name, self.raw)
-        if tuple(tensor.shape) != info.shape:
+    def _read(
+        self, source: TensorSource, name: str, shape: tuple[int, ...], rows: slice | None, slot: int
+    ) -> Tensor:
+        if rows is None:
+            tensor = source.read_into(name, self.raw)
+        else:
+            tensor = source.read_rows_into(name, rows.start, rows.stop, self.raw)
+        if tuple(tensor.shape) != shape:
             raise DataError(
                 f"tensor '{name}' read from {source.label} has shape {list(tensor.shape)}, but "
-                f"its header says {list(info.shape)}"
+                f"its header says {list(shape)}"
             )
-        numel = info.numel
-        return self.floats[slot * numel : (slot + 1) * numel].view(info.shape).copy_(tensor)
+        numel = math.prod(shape)
+        return self.floats[slot * numel : (slot + 1) * numel].view(shape).copy_(tensor)
 
     def read_floats(
-        self, inputs: _Inputs, name: str, info: TensorInfo
+        self, inputs: _Inputs, name: str, info: TensorInfo, rows: slice | None = None
     ) -> tuple[Tensor | None, TensorRows]:
-        """The base's and the task models' tensors of ``name`` in float32; the models are the
-        rows of one ``(T, …)`` tensor."""
+        """The base's and the task models' tensors of ``name`` (or of its ``rows``) in float32;
+        the models are the rows of one ``(T, …)`` tensor."""
+        shape = info.shape if rows is None else (rows.stop - rows.start, *info.shape[1:])
         for slot, source in enumerate(inputs.models):
-            self._read(source, name, info, slot)
-        count, numel = len(inputs.models), info.numel
-        models = TensorRows(self.floats[: count * numel].view(count, *info.shape))
+            self._read(source, name, shape, rows, slot)
+        count, numel = len(inputs.models), math.prod(shape)
+        models = TensorRows(self.floats[: count * numel].view(count, *shape))
         if inputs.base is None:
             return None, models
-        return self._read(inputs.base, name, info, count), models
+        return self._read(inputs.base, name, shape, rows, count), models
 
 
 def _copy_non_float(
@@ -628,7 +698,8 @@ def _stream_merge(
     done = 0
     timings: dict[str, float] = {}
     rule_base = inputs.base is not None and rule.needs_base
-    workspace = _Workspace(inputs, checked)
+    blocks = _block_rows(inputs, checked, rule)
+    workspace = _Workspace(inputs, checked, blocks)
 
     def step() -> None:
         nonlocal done
@@ -646,7 +717,12 @@ def _stream_merge(
             timings["observe_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         for name, info in checked:
-            if info.is_floating:
+            if name in blocks:
+                _merge_blocks(
+                    inputs, workspace, name, info, blocks[name], rule, rule_name, rule_base,
+                    seed, out_dtype, write, report,
+                )  # fmt: skip
+            elif info.is_floating:
                 _merge_one(
                     inputs, workspace, name, info, rule, rule_name, rule_base, seed, out_dtype,
                     write, write_extra, report,
@@ -698,6 +774,46 @@ def _merge_one(
     write(name, owned(merged.tensor.to(out_dtype or info.dtype)))
     for output, extra in merged.extras.items():
         write_extra(output, name, owned(extra))
+
+
+def _merge_blocks(
+    inputs: _Inputs,
+    workspace: _Workspace,
+    name: str,
+    info: TensorInfo,
+    rows: int,
+    rule: MergeRule,
+    rule_name: str,
+    rule_base: bool,
+    seed: int,
+    out_dtype: torch.dtype | None,
+    write: Writer,
+    report: MergeReport | None,
+) -> None:
+    """:func:`_merge_one` for an entrywise rule, ``rows`` rows of the inputs at a time: one
+    generator for the whole tensor (an entrywise rule draws entry by entry, so the blocks take
+    consecutive stretches of its stream), the merged blocks gathered in the output tensor, the
+    report's row combined from the blocks' rows."""
+    merged_tensor = torch.empty(info.shape, dtype=out_dtype or info.dtype)
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
+    parts = []
+    for start in range(0, info.shape[0], rows):
+        block = slice(start, min(start + rows, info.shape[0]))
+        base, models = workspace.read_floats(inputs, name, info, block)
+        seen = report.observe_inputs(base, models) if report is not None else None
+        result = rule.merge_tensor(name, base if rule_base else None, models, generator)
+        merged = _unpack(result, rule_name, name, tuple(models.stacked.shape[1:]))
+        if merged.extras:
+            raise ManytaskError(
+                f"rule '{rule_name}' says it merges entry by entry but returned side outputs "
+                f"for tensor '{name}'; a rule with side outputs is not entrywise"
+            )
+        if report is not None and seen is not None:
+            parts.append(report.block_stats(name, seen, base, merged.tensor))
+        merged_tensor[block].copy_(merged.tensor)
+    if report is not None:
+        report.add_blocks(name, parts, info.shape, _dtype_name(info.dtype))
+    write(name, merged_tensor)
 
 
 def _check_extra_name(output: str, rule_name: str) -> None:

@@ -123,11 +123,21 @@ class TensorSource(ABC):
         """Read tensor ``name`` as a CPU tensor. Treat it as read-only: it may be the caller's
         own tensor."""
 
+    #: :meth:`read_rows_into` reads only the rows asked for (no source reads a whole tensor
+    #: to hand out a block of it)
+    reads_rows: bool = False
+
     def read_into(self, name: str, buffer: Tensor) -> Tensor:
         """Tensor ``name``, read into the front of the ``uint8`` tensor ``buffer`` by sources
         that read files (the result is a view of ``buffer``, valid until it is reused); others
         return :meth:`get`. Read-only, as :meth:`get`."""
         return self.get(name)
+
+    def read_rows_into(self, name: str, start: int, stop: int, buffer: Tensor) -> Tensor:
+        """Rows ``start:stop`` (along the first axis) of tensor ``name``, as :meth:`read_into`
+        reads the whole tensor; by default a slice of it (sources with :attr:`reads_rows` read
+        only those rows)."""
+        return self.read_into(name, buffer)[start:stop]
 
     def close(self) -> None:  # noqa: B027 (a no-op default: most sources hold no file)
         """Release open files (the default holds none)."""
@@ -155,6 +165,8 @@ class TensorSource(ABC):
 
 class StateDictSource(TensorSource):
     """A ``state_dict`` in memory; :meth:`get` returns the stored tensor, detached."""
+
+    reads_rows = True  # a block of rows is a view of the tensor in memory
 
     def __init__(self, state_dict: Mapping[str, Tensor], label: str = "state dict") -> None:
         self.label = label
@@ -277,9 +289,28 @@ class SafetensorsSource(TensorSource):
         entry = self._entry(name)
         return self.read_into(name, torch.empty(entry.end - entry.begin, dtype=torch.uint8))
 
+    reads_rows = True  # a block of rows is one contiguous byte range of the file
+
     def read_into(self, name: str, buffer: Tensor) -> Tensor:
         entry = self._entry(name)
-        size = entry.end - entry.begin
+        self._read_range(name, entry.begin, entry.end, buffer)
+        return buffer[: entry.end - entry.begin].view(entry.info.dtype).reshape(entry.info.shape)
+
+    def read_rows_into(self, name: str, start: int, stop: int, buffer: Tensor) -> Tensor:
+        entry = self._entry(name)
+        shape = entry.info.shape
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ManytaskError(
+                f"rows {start}:{stop} of tensor '{name}' (shape {list(shape)}) do not exist"
+            )
+        row = (entry.end - entry.begin) // shape[0] if shape[0] else 0
+        self._read_range(name, entry.begin + start * row, entry.begin + stop * row, buffer)
+        block = buffer[: (stop - start) * row].view(entry.info.dtype)
+        return block.reshape(stop - start, *shape[1:])
+
+    def _read_range(self, name: str, begin: int, end: int, buffer: Tensor) -> None:
+        """Bytes ``begin:end`` of the file into the front of ``buffer``, by positioned reads."""
+        size = end - begin
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < size:
             raise ManytaskError(
                 f"reading tensor '{name}' ({size} bytes) needs a 1-D uint8 buffer of at least "
@@ -287,16 +318,14 @@ class SafetensorsSource(TensorSource):
             )
         if self._file is None:
             raise ManytaskError(f"{self.label} was closed; open it again to read '{name}'")
-        target = buffer[:size]
-        view = target.numpy().data  # a memoryview of the buffer
-        self._file.seek(entry.begin)
+        view = buffer[:size].numpy().data  # a memoryview of the buffer
+        self._file.seek(begin)
         filled = 0
         while filled < size:
             count = self._file.readinto(view[filled:])
             if not count:
                 raise DataError(f"{self.label} ended while reading tensor '{name}'")
             filled += count
-        return target.view(entry.info.dtype).reshape(entry.info.shape)
 
     def _entry(self, name: str) -> _Stored:
         try:
@@ -354,6 +383,7 @@ class ShardedSource(TensorSource):
         except BaseException:
             self.close()
             raise
+        self.reads_rows = all(shard.reads_rows for shard in self._shards.values())
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -366,6 +396,9 @@ class ShardedSource(TensorSource):
 
     def read_into(self, name: str, buffer: Tensor) -> Tensor:
         return self._shard(name).read_into(name, buffer)
+
+    def read_rows_into(self, name: str, start: int, stop: int, buffer: Tensor) -> Tensor:
+        return self._shard(name).read_rows_into(name, start, stop, buffer)
 
     def _shard(self, name: str) -> TensorSource:
         try:

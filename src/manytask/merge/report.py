@@ -187,6 +187,59 @@ def output_stats(
     )
 
 
+def _quadrature(values: Sequence[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+def combine_blocks(
+    name: str, parts: Sequence[TensorStats], shape: Sequence[int], dtype: str
+) -> TensorStats:
+    """The row of a tensor merged a block of rows at a time, from the blocks' rows: norms in
+    quadrature, fractions weighted by the blocks' sizes."""
+    numel = sum(p.numel for p in parts)
+
+    def norms(attr: str) -> list[float] | None:
+        columns = [getattr(p, attr) for p in parts]
+        if columns[0] is None:
+            return None
+        return [_quadrature(values) for values in zip(*columns, strict=True)]
+
+    def norm(attr: str) -> float | None:
+        values = [getattr(p, attr) for p in parts]
+        return None if values[0] is None else _quadrature(values)
+
+    def share(attr: str) -> float | None:
+        values: list[float | None] = [getattr(p, attr) for p in parts]
+        if values[0] is None:
+            return None
+        return sum(float(v or 0.0) * p.numel for v, p in zip(values, parts, strict=True)) / numel
+
+    def shares(attr: str) -> list[float] | None:
+        columns = [getattr(p, attr) for p in parts]
+        if columns[0] is None:
+            return None
+        return [
+            sum(v * p.numel for v, p in zip(values, parts, strict=True)) / numel
+            for values in zip(*columns, strict=True)
+        ]
+
+    return TensorStats(
+        name,
+        list(shape),
+        dtype,
+        numel,
+        False,
+        norms("model_norms"),
+        norm("merged_norm"),
+        base_norm=norm("base_norm"),
+        task_norms=norms("task_norms"),
+        task_sparsity=shares("task_sparsity"),
+        delta_norm=norm("delta_norm"),
+        delta_sparsity=share("delta_sparsity"),
+        sign_conflict=share("sign_conflict"),
+    )
+
+
 def tensor_stats(
     name: str, base: Tensor | None, models: Sequence[Tensor], merged: Tensor, dtype: str
 ) -> TensorStats:
@@ -213,6 +266,21 @@ class MergeReport:
     ) -> TensorStats:
         """Complete and keep the row of tensor ``name`` (``base`` as the rule saw it)."""
         row = output_stats(name, inputs, base if self.has_base else None, merged, dtype)
+        self.rows.append(row)
+        return row
+
+    def block_stats(
+        self, name: str, inputs: InputStats, base: Tensor | None, merged: Tensor
+    ) -> TensorStats:
+        """The statistics of one block of rows of tensor ``name`` (see :meth:`add_blocks`)."""
+        return output_stats(name, inputs, base if self.has_base else None, merged, "")
+
+    def add_blocks(
+        self, name: str, parts: Sequence[TensorStats], shape: Sequence[int], dtype: str
+    ) -> TensorStats:
+        """Keep the row of tensor ``name``, merged a block of rows at a time, from the blocks'
+        :meth:`block_stats`."""
+        row = combine_blocks(name, parts, shape, dtype)
         self.rows.append(row)
         return row
 

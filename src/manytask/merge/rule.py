@@ -74,6 +74,13 @@ class MergeRule:
         if self.max_models is not None and count > self.max_models:
             raise ConfigError(f"{name} takes at most {self.max_models} task models, got {count}")
 
+    def entrywise(self) -> bool:
+        """Whether each merged entry depends only on the same entry of the inputs (and on the
+        generator's draws, taken entry by entry in storage order, the task models' draws of an
+        entry together). The engine may then merge a large tensor a block of rows at a time,
+        with the same result. False by default."""
+        return False
+
     def observe(self, name: str, base: Tensor | None, models: Sequence[Tensor]) -> None:
         """First pass of a two-pass rule: accumulate what the rule needs from tensor ``name``."""
         raise NotImplementedError(f"{type(self).__name__} is not a two-pass rule")

@@ -43,6 +43,9 @@ class WeightAverage(WeightedRule):
     def __init__(self, weights: list[float] | None = None) -> None:
         super().__init__(weights)
 
+    def entrywise(self) -> bool:
+        return True
+
     def merge_tensor(
         self,
         name: str,

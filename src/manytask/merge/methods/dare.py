@@ -20,8 +20,9 @@ registered:
   also applies TIES's top-k trim to the rescaled vectors, the order the authors' code uses
   (DARE first, then the full TIES-Merging).
 
-Randomness: the mask is drawn from the engine's per-tensor generator only, so a seed gives the
-same merge on any number of threads.
+Randomness: the mask is drawn from the engine's per-tensor generator only, entry by entry (the
+task models' draws of one entry together), so a seed gives the same merge on any number of
+threads, and the engine may merge a large tensor a block of rows at a time with the same result.
 
 Defaults: ``density`` :math:`d = 0.8` (drop rate 0.2, the authors' example for merging WizardLM
 with WizardMath in the README of their released code; the paper shows single models keep their
@@ -67,6 +68,9 @@ class DareLinear(SparseTaskVectorRule):
         """DARE's random drop, each kept entry rescaled by 1/d."""
         return drop_and_rescale(vectors, self.density, generator)
 
+    def entrywise(self) -> bool:
+        return True
+
 
 @register(
     "merge_rule",
@@ -103,3 +107,6 @@ class DareTies(DareLinear):
         if self.trim_density < 1.0:
             dropped = dropped * top_magnitude_mask(dropped, self.trim_density)
         return dropped
+
+    def entrywise(self) -> bool:
+        return self.trim_density >= 1.0  # the top-k trim ranks a whole tensor

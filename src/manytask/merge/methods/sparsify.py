@@ -39,6 +39,19 @@ def uniform_like(x: Tensor, generator: torch.Generator) -> Tensor:
     return draws.to(x.device)
 
 
+def entrywise_uniform(vectors: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform draws for the ``(T, *shape)`` stack ``vectors``, drawn entry by entry in storage
+    order with the ``T`` draws of an entry together: the draws of a block of rows are then a
+    contiguous stretch of the generator's stream, whatever the blocks."""
+    draws = torch.rand(
+        (*vectors.shape[1:], vectors.shape[0]),
+        generator=generator,
+        dtype=vectors.dtype,
+        device=generator.device,
+    )
+    return draws.movedim(-1, 0).to(vectors.device)
+
+
 def _rows(vectors: Tensor) -> Tensor:
     """``(T, *shape)`` as ``(T, numel)``: each task's tensor flattened."""
     return vectors.reshape(vectors.shape[0], -1)
@@ -74,7 +87,7 @@ def drop_and_rescale(vectors: Tensor, density: float, generator: torch.Generator
     every entry keeps its expected value. ``density = 1`` returns ``vectors`` itself."""
     if density >= 1.0:
         return vectors
-    keep = uniform_like(vectors, generator) < density
+    keep = entrywise_uniform(vectors, generator) < density
     return torch.where(keep, vectors, 0.0).div_(density)
 
 

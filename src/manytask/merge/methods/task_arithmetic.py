@@ -37,3 +37,6 @@ class TaskArithmetic(SparseTaskVectorRule):
 
     def __init__(self, scale: float = 0.3, weights: list[float] | None = None) -> None:
         super().__init__(scale, weights)
+
+    def entrywise(self) -> bool:
+        return True
