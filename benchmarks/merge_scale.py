@@ -3,9 +3,13 @@
 Each tool merges the same checkpoints with the same rule and parameters, in a process of its own
 (this script run with ``--child``), so that the memory measured is that tool's alone:
 
-- *peak RSS*: the child's peak resident set size (``ru_maxrss`` from ``os.wait4``), what
-  ``/usr/bin/time -v`` reports. It counts the pages of memory-mapped checkpoint files that the
-  process has touched (mergekit and FusionBench read safetensors files through ``mmap``;
+- *peak RSS*: the child's peak resident set size, ``VmHWM`` of ``/proc/self/status`` as the
+  child reports it when its merge is done (for a child that fails or is stopped, ``ru_maxrss``
+  from ``os.wait4``, what ``/usr/bin/time -v`` reports). ``ru_maxrss`` alone over-reports: the
+  child is forked from this script, and Linux carries the parent's high-water mark at the fork
+  into the child's ``ru_maxrss`` across ``exec``, so once the parent had loaded merged outputs to
+  compare them (689 MiB) every later child "peaked" at least there. The peak counts the pages
+  of memory-mapped checkpoint files that the process has touched (mergekit and FusionBench read safetensors files through ``mmap``;
   manytask reads them with positioned reads), which the kernel can drop;
 - *peak anon*: the peak of its anonymous memory (``RssAnon`` in ``/proc/PID/status``, polled
   every 50 ms): the memory the process allocated, which is what runs a machine out of memory.
@@ -142,7 +146,7 @@ def memory_mib(pid: int | str = "self") -> dict[str, float]:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
                 key = line.split(":", 1)[0]
-                if key in ("VmRSS", "RssAnon", "RssFile"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     found[key] = int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -344,6 +348,9 @@ def child(spec_path: Path) -> None:
     result["torch_threads"] = torch.get_num_threads()
     merge()
     result["merge_s"] = time.perf_counter() - imported
+    # the high-water mark of this process's own memory since its exec: unlike ru_maxrss, it
+    # does not start from the parent's resident set at the fork (module docstring)
+    result["vm_hwm_mib"] = memory_mib()["VmHWM"]
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -367,7 +374,7 @@ def run_child(
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    peaks = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
+    peaks = {"VmRSS": 0.0, "VmHWM": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
     stopped = ""
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -400,6 +407,7 @@ def run_child(
         row.update(status="failed", reason=failure_reason(log_path, process.returncode))
     else:
         row.update(status="ok", **json.loads(Path(spec["result"]).read_text()))
+        row["peak_rss_mib"] = max(row["vm_hwm_mib"], peaks["VmRSS"])
     return row
 
 
