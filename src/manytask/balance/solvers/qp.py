@@ -1,4 +1,4 @@
-r"""Small non-negative quadratic programs, solved by an interior-point method in torch.
+r"""Small non-negative quadratic programs: block pivoting on a CPU, an interior point in torch.
 
 :func:`nonneg_qp` solves, for every column :math:`b` of ``B`` at once,
 
