@@ -120,3 +120,29 @@ def test_in_memory_inputs_are_blocked_too_and_agree(monkeypatch):
     monkeypatch.setattr(engine, "_BLOCK_BYTES", 256)
     blocked = merge_state_dicts(states[0], states[1:], "dare_linear", seed=2)
     assert torch.equal(whole["w"], blocked["w"])
+
+
+def test_a_blocked_tensor_reaches_the_writer_a_block_at_a_time(tmp_path, monkeypatch):
+    """The merged tensor is never whole in memory: the writer gets it as blocks of rows."""
+    base, models = checkpoints(tmp_path)
+    monkeypatch.setattr(engine, "_BLOCK_BYTES", SMALL_BLOCKS)
+    seen: dict[str, list[int]] = {}
+    add_rows = engine.ShardWriter.add_rows
+
+    def spy(self, name, dtype, shape, blocks):
+        sizes = seen.setdefault(name, [])
+
+        def counted():
+            for block in blocks:
+                sizes.append(block.shape[0])
+                yield block
+
+        add_rows(self, name, dtype, shape, counted())
+
+    monkeypatch.setattr(engine.ShardWriter, "add_rows", spy)
+    merge(models, "task_arithmetic", base=base, output=tmp_path / "out")
+    assert seen["embed"] == [7, 7, 7, 7, 7, 2]  # 37 rows, 7 at a time
+    assert seen["dense.bias"] == [42, 42, 42, 24]
+    assert seen["norm"] == [6]  # small: whole, through add
+    blocked = plan(models, "task_arithmetic", base=base)
+    assert blocked.output_buffer_bytes == 42 * 4  # a block of output, not the largest tensor

@@ -396,6 +396,34 @@ def test_a_writer_with_a_layout_refuses_tensors_out_of_plan_and_a_short_close(tm
         writer.close()
 
 
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_tensor_written_in_blocks_of_rows_has_the_bytes_of_a_whole_one(tmp_path, planned):
+    g = torch.Generator().manual_seed(1)
+    data = {"a": torch.randn(7, 3, generator=g), "b": torch.randn(5, generator=g)}
+    layout = [(name, t.dtype, t.shape) for name, t in data.items()] if planned else None
+    written = {}
+    for mode in ("whole", "blocks"):
+        writer = ShardWriter(tmp_path / mode, 10**6, layout=layout)
+        for name, tensor in data.items():
+            if mode == "whole":
+                writer.add(name, tensor)
+            else:  # uneven blocks, one of them empty
+                parts = [tensor[:2], tensor[2:2], tensor[2:5], tensor[5:]]
+                writer.add_rows(name, tensor.dtype, tensor.shape, iter(parts))
+        written[mode] = {f.name: f.read_bytes() for f in writer.close()}
+    assert written["blocks"] == written["whole"]
+
+
+def test_a_writer_refuses_blocks_that_do_not_make_up_the_tensor(tmp_path):
+    writer = ShardWriter(tmp_path / "x", 100)
+    with pytest.raises(ManytaskError, match=r"blocks of tensor 'w' hold 24 of its 36 bytes"):
+        writer.add_rows("w", torch.float32, (3, 3), [torch.zeros(2, 3)])
+    with pytest.raises(ManytaskError, match=r"blocks of tensor 'v' exceed its shape \[2, 3\]"):
+        writer.add_rows("v", torch.float32, (2, 3), [torch.zeros(2, 3), torch.zeros(1, 3)])
+    with pytest.raises(ManytaskError, match=r"a block of tensor 'u' is torch.float64 \[1, 3\]"):
+        writer.add_rows("u", torch.float32, (2, 3), [torch.zeros(1, 3, dtype=torch.float64)])
+
+
 def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
     files = write_checkpoint(tmp_path / "out", tensors(), max_shard_size=10**6)
     assert [f.name for f in files] == ["model.safetensors"]

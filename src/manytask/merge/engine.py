@@ -39,11 +39,13 @@ TIES's magnitudes and masks) come on top. Rules that stack the task vectors use 
 stack (:class:`~manytask.merge.rule.TensorRows`) instead of copying it.
 
 **Blocks of rows.** With a rule that merges entry by entry (:meth:`MergeRule.entrywise`), a
-tensor whose float32 inputs exceed ``_BLOCK_BYTES`` (8 MiB) is read, merged and gathered into
-its output a block of rows at a time, when every input reads rows alone
-(:attr:`~manytask.merge.io.TensorSource.reads_rows`); the buffers are then sized for the largest
-block, and the estimate counts a block instead of the tensor. One generator serves the whole
-tensor, and entrywise rules draw entry by entry, so the result does not depend on the blocks.
+tensor whose float32 inputs exceed ``_BLOCK_BYTES`` (2 MiB) is read, merged and written to
+the output file a block of rows at a time, when every input reads rows alone
+(:attr:`~manytask.merge.io.TensorSource.reads_rows`): each merged block is written before the
+next is read, so neither the inputs nor the merged tensor are ever whole in memory. The buffers
+are then sized for the largest block, and the estimate counts a block instead of the tensor (for
+the output too). One generator serves the whole tensor, and entrywise rules draw entry by entry,
+so the result does not depend on the blocks.
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 import yaml
@@ -365,8 +367,8 @@ class MergePlan:
 
     @property
     def output_buffer_bytes(self) -> int:
-        """The merged tensor on its way to the writer, which spools it to disk at once: the
-        largest output tensor."""
+        """The merged tensor on its way to the writer, which writes it to disk at once: the
+        largest output tensor, or block of rows for tensors merged in blocks."""
         return self.largest_output_bytes
 
     @property
@@ -487,6 +489,12 @@ def _make_plan(
     largest_name, largest = max(checked, key=lambda item: item[1].numel, default=("", None))
     blocks = _block_rows(inputs, checked, rule)
     held = [_held_numel(info, blocks.get(name)) for name, info in checked if info.is_floating]
+    held_out = [
+        _held_numel(info, blocks.get(name)) * (out_dtype or info.dtype).itemsize
+        if info.is_floating
+        else info.nbytes
+        for name, info in checked
+    ]  # a tensor merged in blocks reaches the writer a block at a time
     return MergePlan(
         rule=rule_name,
         two_pass=rule.two_pass,
@@ -503,7 +511,7 @@ def _make_plan(
         output_dtype="auto (as the inputs)" if out_dtype is None else _dtype_name(out_dtype),
         output_bytes=sum(sizes),
         shard_bytes=shard_sizes(sizes, max_shard_size),
-        largest_output_bytes=max(sizes, default=0),
+        largest_output_bytes=max(held_out, default=0),
         read_buffer_bytes=_read_buffer_bytes(inputs, checked, blocks),
         held_numel=max(held, default=0),
         blocked_tensors=len(blocks),
@@ -557,14 +565,45 @@ def plan(
 # streaming
 
 
-Writer = Callable[[str, Tensor], None]
+class Writer(Protocol):
+    """Where merged tensors go: :class:`~manytask.merge.io.ShardWriter` (files) or a state dict."""
+
+    def add(self, name: str, tensor: Tensor) -> None: ...
+
+    def add_rows(
+        self, name: str, dtype: torch.dtype, shape: Sequence[int], blocks: Iterable[Tensor]
+    ) -> None: ...
+
+
+class _StateDictWriter:
+    """A :class:`Writer` into a dict; a tensor given in blocks of rows is gathered."""
+
+    def __init__(self, result: dict[str, Tensor]) -> None:
+        self.result = result
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        self.result[name] = tensor
+
+    def add_rows(
+        self, name: str, dtype: torch.dtype, shape: Sequence[int], blocks: Iterable[Tensor]
+    ) -> None:
+        gathered = torch.empty(tuple(shape), dtype=dtype)
+        start = 0
+        for block in blocks:
+            gathered[start : start + block.shape[0]].copy_(block)
+            start += block.shape[0]
+        self.result[name] = gathered
+
+
 ExtraWriter = Callable[[str, str, Tensor], None]
 
 
 #: a tensor whose float32 inputs (the task models and the base) take more than this is merged a
 #: block of rows at a time by a rule that merges entry by entry (MergeRule.entrywise), when every
-#: input can read a block of rows alone; the blocks are at least one row
-_BLOCK_BYTES = 8 << 20
+#: input can read a block of rows alone; the blocks are at least one row. 2 MiB: on the MiniLM
+#: and 1B sets of benchmarks/merge_scale.py, 8, 4, 2 and 1 MiB ran within 15% of one another
+#: (2 MiB the fastest on the 1B set) and the peak fell by 8 MiB from 8 to 2 MiB
+_BLOCK_BYTES = 2 << 20
 
 
 def _block_rows(
@@ -639,31 +678,6 @@ class _Workspace:
         return self._read(inputs.base, name, shape, rows, count), models
 
 
-def _copy_non_float(
-    inputs: _Inputs,
-    name: str,
-    info: TensorInfo,
-    policy: str,
-    write: Writer,
-    report: MergeReport | None,
-) -> None:
-    reference, *others = inputs.sources
-    kept = reference.get(name)
-    if policy == "must_match":
-        for source in others:
-            if not torch.equal(kept, source.get(name)):
-                which = "base's" if inputs.base is not None else "first model's"
-                raise DataError(
-                    f"{_dtype_name(info.dtype)} tensor '{name}' differs between "
-                    f"{reference.label} and {source.label}; integer and boolean tensors "
-                    "(counters, indices, masks) are copied, not merged: make them equal, or set "
-                    f"non_float: from_base to keep the {which}"
-                )
-    write(name, kept.clone())  # never an alias of a caller's tensor
-    if report is not None:
-        report.add_copied(name, info.shape, _dtype_name(info.dtype))
-
-
 def _unpack(result: Any, rule_name: str, name: str, shape: tuple[int, ...]) -> Merged:
     merged = result if isinstance(result, Merged) else Merged(result)
     if not isinstance(merged.tensor, Tensor):
@@ -688,7 +702,7 @@ def _stream_merge(
     seed: int,
     out_dtype: torch.dtype | None,
     non_float: str,
-    write: Writer,
+    writer: Writer,
     write_extra: ExtraWriter,
     report: MergeReport | None,
     on_tensor: ProgressCallback | None = None,
@@ -697,9 +711,11 @@ def _stream_merge(
     steps = len(checked) * (2 if rule.two_pass else 1)
     done = 0
     timings: dict[str, float] = {}
-    rule_base = inputs.base is not None and rule.needs_base
     blocks = _block_rows(inputs, checked, rule)
-    workspace = _Workspace(inputs, checked, blocks)
+    run = _Run(
+        inputs, _Workspace(inputs, checked, blocks), rule, rule_name,
+        inputs.base is not None and rule.needs_base, seed, out_dtype, writer, write_extra, report,
+    )  # fmt: skip
 
     def step() -> None:
         nonlocal done
@@ -712,108 +728,109 @@ def _stream_merge(
             start = time.perf_counter()
             for name, info in checked:
                 if info.is_floating:
-                    _observe_one(inputs, workspace, name, info, rule, rule_base)
+                    run.observe(name, info)
                 step()
             timings["observe_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         for name, info in checked:
             if name in blocks:
-                _merge_blocks(
-                    inputs, workspace, name, info, blocks[name], rule, rule_name, rule_base,
-                    seed, out_dtype, write, report,
-                )  # fmt: skip
+                run.merge_blocks(name, info, blocks[name])
             elif info.is_floating:
-                _merge_one(
-                    inputs, workspace, name, info, rule, rule_name, rule_base, seed, out_dtype,
-                    write, write_extra, report,
-                )  # fmt: skip
+                run.merge_one(name, info)
             else:
-                _copy_non_float(inputs, name, info, non_float, write, report)
+                run.copy_non_float(name, info, non_float)
             step()
         timings["merge_seconds"] = time.perf_counter() - start
     return timings
 
 
-def _observe_one(
-    inputs: _Inputs,
-    workspace: _Workspace,
-    name: str,
-    info: TensorInfo,
-    rule: MergeRule,
-    rule_base: bool,
-) -> None:
-    base, models = workspace.read_floats(inputs, name, info)
-    rule.observe(name, base if rule_base else None, models)
+@dataclass(frozen=True)
+class _Run:
+    """What every tensor name of one merge shares: the inputs and their buffers, the rule, the
+    seed, the output dtype and where the results go."""
 
+    inputs: _Inputs
+    workspace: _Workspace
+    rule: MergeRule
+    rule_name: str
+    rule_base: bool  # whether the rule is given the base
+    seed: int
+    out_dtype: torch.dtype | None
+    writer: Writer
+    write_extra: ExtraWriter
+    report: MergeReport | None
 
-def _merge_one(
-    inputs: _Inputs,
-    workspace: _Workspace,
-    name: str,
-    info: TensorInfo,
-    rule: MergeRule,
-    rule_name: str,
-    rule_base: bool,
-    seed: int,
-    out_dtype: torch.dtype | None,
-    write: Writer,
-    write_extra: ExtraWriter,
-    report: MergeReport | None,
-) -> None:
-    base, models = workspace.read_floats(inputs, name, info)
-    seen = report.observe_inputs(base, models) if report is not None else None
-    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-    result = rule.merge_tensor(name, base if rule_base else None, models, generator)
-    merged = _unpack(result, rule_name, name, info.shape)
-    if report is not None and seen is not None:
-        report.add(name, seen, base, merged.tensor, _dtype_name(info.dtype))
+    def observe(self, name: str, info: TensorInfo) -> None:
+        """The first pass of a two-pass rule over one tensor name."""
+        base, models = self.workspace.read_floats(self.inputs, name, info)
+        self.rule.observe(name, base if self.rule_base else None, models)
 
-    def owned(tensor: Tensor) -> Tensor:  # never hand out a view of the reused buffers
-        return tensor.clone() if workspace.holds(tensor) else tensor
+    def copy_non_float(self, name: str, info: TensorInfo, policy: str) -> None:
+        reference, *others = self.inputs.sources
+        kept = reference.get(name)
+        if policy == "must_match":
+            for source in others:
+                if not torch.equal(kept, source.get(name)):
+                    which = "base's" if self.inputs.base is not None else "first model's"
+                    raise DataError(
+                        f"{_dtype_name(info.dtype)} tensor '{name}' differs between "
+                        f"{reference.label} and {source.label}; integer and boolean tensors "
+                        "(counters, indices, masks) are copied, not merged: make them equal, or "
+                        f"set non_float: from_base to keep the {which}"
+                    )
+        self.writer.add(name, kept.clone())  # never an alias of a caller's tensor
+        if self.report is not None:
+            self.report.add_copied(name, info.shape, _dtype_name(info.dtype))
 
-    write(name, owned(merged.tensor.to(out_dtype or info.dtype)))
-    for output, extra in merged.extras.items():
-        write_extra(output, name, owned(extra))
+    def merge_one(self, name: str, info: TensorInfo) -> None:
+        base, models = self.workspace.read_floats(self.inputs, name, info)
+        seen = self.report.observe_inputs(base, models) if self.report is not None else None
+        generator = torch.Generator().manual_seed(tensor_seed(self.seed, name))
+        result = self.rule.merge_tensor(name, base if self.rule_base else None, models, generator)
+        merged = _unpack(result, self.rule_name, name, info.shape)
+        if self.report is not None and seen is not None:
+            self.report.add(name, seen, base, merged.tensor, _dtype_name(info.dtype))
 
+        def owned(tensor: Tensor) -> Tensor:  # never hand out a view of the reused buffers
+            return tensor.clone() if self.workspace.holds(tensor) else tensor
 
-def _merge_blocks(
-    inputs: _Inputs,
-    workspace: _Workspace,
-    name: str,
-    info: TensorInfo,
-    rows: int,
-    rule: MergeRule,
-    rule_name: str,
-    rule_base: bool,
-    seed: int,
-    out_dtype: torch.dtype | None,
-    write: Writer,
-    report: MergeReport | None,
-) -> None:
-    """:func:`_merge_one` for an entrywise rule, ``rows`` rows of the inputs at a time: one
-    generator for the whole tensor (an entrywise rule draws entry by entry, so the blocks take
-    consecutive stretches of its stream), the merged blocks gathered in the output tensor, the
-    report's row combined from the blocks' rows."""
-    merged_tensor = torch.empty(info.shape, dtype=out_dtype or info.dtype)
-    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-    parts = []
-    for start in range(0, info.shape[0], rows):
-        block = slice(start, min(start + rows, info.shape[0]))
-        base, models = workspace.read_floats(inputs, name, info, block)
-        seen = report.observe_inputs(base, models) if report is not None else None
-        result = rule.merge_tensor(name, base if rule_base else None, models, generator)
-        merged = _unpack(result, rule_name, name, tuple(models.stacked.shape[1:]))
-        if merged.extras:
-            raise ManytaskError(
-                f"rule '{rule_name}' says it merges entry by entry but returned side outputs "
-                f"for tensor '{name}'; a rule with side outputs is not entrywise"
-            )
-        if report is not None and seen is not None:
-            parts.append(report.block_stats(name, seen, base, merged.tensor))
-        merged_tensor[block].copy_(merged.tensor)
-    if report is not None:
-        report.add_blocks(name, parts, info.shape, _dtype_name(info.dtype))
-    write(name, merged_tensor)
+        self.writer.add(name, owned(merged.tensor.to(self.out_dtype or info.dtype)))
+        for output, extra in merged.extras.items():
+            self.write_extra(output, name, owned(extra))
+
+    def merge_blocks(self, name: str, info: TensorInfo, rows: int) -> None:
+        """:meth:`merge_one` for an entrywise rule, ``rows`` rows of the inputs at a time: one
+        generator for the whole tensor (an entrywise rule draws entry by entry, so the blocks
+        take consecutive stretches of its stream); each merged block goes to the writer before
+        the next is read, so the merged tensor is never whole in memory; the report's row is
+        combined from the blocks' rows."""
+        generator = torch.Generator().manual_seed(tensor_seed(self.seed, name))
+        out_dtype = self.out_dtype or info.dtype
+        parts = []
+
+        def merged_blocks() -> Iterator[Tensor]:
+            for start in range(0, info.shape[0], rows):
+                block = slice(start, min(start + rows, info.shape[0]))
+                base, models = self.workspace.read_floats(self.inputs, name, info, block)
+                report = self.report
+                seen = report.observe_inputs(base, models) if report is not None else None
+                result = self.rule.merge_tensor(
+                    name, base if self.rule_base else None, models, generator
+                )
+                merged = _unpack(result, self.rule_name, name, tuple(models.stacked.shape[1:]))
+                if merged.extras:
+                    raise ManytaskError(
+                        f"rule '{self.rule_name}' says it merges entry by entry but returned "
+                        f"side outputs for tensor '{name}'; a rule with side outputs is not "
+                        "entrywise"
+                    )
+                if report is not None and seen is not None:
+                    parts.append(report.block_stats(name, seen, base, merged.tensor))
+                yield merged.tensor.to(out_dtype)  # written before the next block is read
+
+        self.writer.add_rows(name, out_dtype, info.shape, merged_blocks())
+        if self.report is not None:
+            self.report.add_blocks(name, parts, info.shape, _dtype_name(info.dtype))
 
 
 def _check_extra_name(output: str, rule_name: str) -> None:
@@ -909,7 +926,7 @@ def merge(
 
             timings = _stream_merge(
                 inputs, checked, rule_obj, rule_name, seed=seed, out_dtype=out_dtype,
-                non_float=non_float, write=writer.add, write_extra=write_extra, report=report,
+                non_float=non_float, writer=writer, write_extra=write_extra, report=report,
                 on_tensor=on_tensor,
             )  # fmt: skip
             files = writer.close()
@@ -996,6 +1013,7 @@ def merge_state_dicts(
         checked = _check_inputs(inputs, explicit_dtype=out_dtype is not None)
         _stream_merge(
             inputs, checked, rule_obj, rule_name, seed=seed, out_dtype=out_dtype,
-            non_float=non_float, write=result.__setitem__, write_extra=write_extra, report=None,
+            non_float=non_float, writer=_StateDictWriter(result), write_extra=write_extra,
+            report=None,
         )  # fmt: skip
     return result

@@ -945,75 +945,107 @@ class ShardWriter:
             self._ends = list(itertools.accumulate(counts))
 
     def add(self, name: str, tensor: Tensor) -> None:
+        """Write one whole tensor."""
+        self.add_rows(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def add_rows(
+        self, name: str, dtype: torch.dtype, shape: Sequence[int], blocks: Iterable[Tensor]
+    ) -> None:
+        """Write one tensor of ``dtype`` and ``shape`` given as consecutive blocks of its rows
+        (the first dimension), each written as it comes and then dropped: the tensor is never
+        whole in memory. The blocks must add up to exactly ``shape``."""
         if self._closed:
             raise ManytaskError("the checkpoint writer is closed")
         if name in self._names:
             raise ManytaskError(f"tensor '{name}' was written twice")
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ManytaskError(
-                f"tensor '{name}' has dtype {tensor.dtype}, which safetensors lacks"
-            )
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ManytaskError(f"tensor '{name}' has dtype {dtype}, which safetensors lacks")
+        shape = list(shape)
+        size = math.prod(shape) * dtype.itemsize
         if self._layout is not None:
-            self._add_planned(name, tensor)
-            return
-        size = tensor.numel() * tensor.element_size()
+            file = self._open_planned(name, dtype, shape)
+        else:
+            file = self._open_spooled(size)
+        written = 0
+        for block in blocks:
+            if block.dtype != dtype or list(block.shape[1:]) != shape[1:]:
+                raise ManytaskError(
+                    f"a block of tensor '{name}' is {block.dtype} {list(block.shape)}; blocks of "
+                    f"a {dtype} tensor of shape {shape} have shape [rows, *{shape[1:]}]"
+                )
+            data = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            written += data.numel()
+            if written > size:
+                raise ManytaskError(f"the blocks of tensor '{name}' exceed its shape {shape}")
+            file.write(data.numpy().data)  # no copy of the bytes
+        if written != size:
+            raise ManytaskError(f"the blocks of tensor '{name}' hold {written} of its {size} bytes")
+        self._names.add(name)
+        self.total_size += size
+        if self._layout is not None:
+            self._close_planned()
+        else:
+            self._entries[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": shape,
+                "data_offsets": [self._filled, self._filled + size],
+            }
+            self._filled += size
+
+    def _open_spooled(self, size: int) -> Any:
+        """The current shard's spool file, after starting a new shard if ``size`` bytes would
+        overfill it."""
         if starts_new_shard(self._filled, size, self.max_shard_size):
             self._flush()
         if self._spool is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             spool = self.directory / f".{self.prefix}-shard-{len(self._written) + 1:05d}.spool"
             self._spool = open(spool, "w+b")  # noqa: SIM115 - closed by _flush
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._spool.write(data.numpy().data)  # no copy of the bytes
-        self._names.add(name)
-        self._entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self._filled, self._filled + size],
-        }
-        self._filled += size
-        self.total_size += size
+        return self._spool
 
     def _partial_path(self) -> Path:
         index = len(self._written) + 1
         return self.directory / f".{self.prefix}-shard-{index:05d}.safetensors.partial"
 
-    def _add_planned(self, name: str, tensor: Tensor) -> None:
+    def _open_planned(self, name: str, dtype: torch.dtype, shape: list[int]) -> Any:
+        """The shard file the next planned tensor goes to, checked against the layout; a new
+        shard's file is opened with its header written."""
         assert self._layout is not None
         if self._position >= len(self._layout):
             raise ManytaskError(
                 f"tensor '{name}' was added after all {len(self._layout)} planned tensors"
             )
-        expected, dtype, shape = self._layout[self._position]
-        if (name, tensor.dtype, list(tensor.shape)) != (expected, dtype, list(shape)):
+        expected, planned_dtype, planned_shape = self._layout[self._position]
+        if (name, dtype, shape) != (expected, planned_dtype, list(planned_shape)):
             raise ManytaskError(
-                f"tensor '{name}' ({tensor.dtype}, {list(tensor.shape)}) arrived where the "
-                f"writer's layout expects '{expected}' ({dtype}, {list(shape)})"
+                f"tensor '{name}' ({dtype}, {shape}) arrived where the writer's layout expects "
+                f"'{expected}' ({planned_dtype}, {list(planned_shape)})"
             )
-        shard = len(self._written)
-        first = self._ends[shard - 1] if shard else 0
         if self._direct is None:
+            shard = len(self._written)
+            first = self._ends[shard - 1] if shard else 0
             entries: dict[str, Any] = {}
             offset = 0
-            for planned_name, planned_dtype, planned_shape in self._layout[
-                first : self._ends[shard]
-            ]:
-                size = math.prod(planned_shape) * planned_dtype.itemsize
+            for planned_name, entry_dtype, entry_shape in self._layout[first : self._ends[shard]]:
+                size = math.prod(entry_shape) * entry_dtype.itemsize
                 entries[planned_name] = {
-                    "dtype": _SAFETENSORS_DTYPES[planned_dtype],
-                    "shape": list(planned_shape),
+                    "dtype": _SAFETENSORS_DTYPES[entry_dtype],
+                    "shape": list(entry_shape),
                     "data_offsets": [offset, offset + size],
                 }
                 offset += size
             self.directory.mkdir(parents=True, exist_ok=True)
             self._direct = open(self._partial_path(), "wb")  # noqa: SIM115 - closed below
             self._direct.write(_header(entries))
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._direct.write(data.numpy().data)
-        self._names.add(name)
-        self.total_size += data.numel()
+        return self._direct
+
+    def _close_planned(self) -> None:
+        """Count the planned tensor just written; close its shard when it was the last."""
+        assert self._layout is not None
         self._position += 1
+        shard = len(self._written)
         if self._position == self._ends[shard]:
+            first = self._ends[shard - 1] if shard else 0
             file, self._direct = self._direct, None
             file.flush()
             os.fsync(file.fileno())
