@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import manytask as mt
+from manytask.balance import engine
 from manytask.balance.base import GramianWeighting
 from manytask.errors import ConfigError
 
@@ -169,3 +170,14 @@ def test_misuse_is_an_error():
         mt.balance.get("mgda", ["t0", "t1"], update_every=0)
     with pytest.raises(ConfigError, match="bad value for 'mode'"):
         mt.balance.get("mgda", ["t0", "t1"], mode="param")
+
+
+@pytest.mark.parametrize("columns", [5, (1 << 15) + 3, 1 << 16])
+def test_gramian_in_column_blocks_equals_j_jt(columns):
+    """Wide Jacobians on a CPU take the Gramian as a batched sum over 8 column blocks (plus the
+    columns left over); it is J Jᵀ up to the order of the sums."""
+    jacobian = torch.randn(6, columns, generator=torch.Generator().manual_seed(columns))
+    expected = jacobian.double() @ jacobian.double().T
+    result = engine.gramian(jacobian)
+    assert result.dtype == torch.float32 and result.shape == (6, 6)
+    assert torch.allclose(result.double(), expected, rtol=1e-5, atol=1e-3)

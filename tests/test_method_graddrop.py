@@ -38,6 +38,24 @@ def test_leak_by_hand():
     assert torch.equal(d, torch.tensor([4.0, -1.75, 0.0]))
 
 
+@pytest.mark.parametrize("leak", [None, (0.0, 0.3, 1.0, 0.5)])
+def test_direction_equals_the_masked_sum_of_the_paper(leak):
+    """The sums-of-signs form equals Σᵢ (ℓᵢ + (1 − ℓᵢ) Mᵢ) gᵢ with the masks of Algorithm 1,
+    on random gradients with zero entries and zero columns."""
+    g = torch.Generator().manual_seed(4)
+    jacobian = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    jacobian[jacobian.abs() < 0.3] = 0.0
+    jacobian[:, :20] = 0.0
+    uniform = torch.rand(300, generator=g, dtype=torch.float64)
+    leaks = torch.zeros(4, dtype=torch.float64) if leak is None else torch.tensor(leak).double()
+    magnitude = jacobian.abs().sum(0)
+    p = torch.where(magnitude > 0, 0.5 * (1 + jacobian.sum(0) / magnitude.clamp_min(1e-300)), 0.5)
+    masks = ((p > uniform) & (jacobian > 0)) | ((p < uniform) & (jacobian < 0))
+    expected = ((leaks[:, None] + (1 - leaks[:, None]) * masks) * jacobian).sum(0)
+    result = graddrop_direction(jacobian, uniform, None if leak is None else leaks)
+    assert torch.allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_balancer_uses_its_own_draws():
     balancer = GradDrop(["a", "b"], seed=7)
     uniform = torch.rand(3, generator=torch.Generator().manual_seed(7))

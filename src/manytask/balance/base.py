@@ -375,7 +375,7 @@ class GramianWeighting(_GradientMethod):
         """``(T,)`` weights from the ``(T, T)`` Gramian and the ``(T,)`` loss values."""
 
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
-        return self.weights(jacobian @ jacobian.T, losses).to(jacobian.dtype) @ jacobian
+        return self.weights(engine.gramian(jacobian), losses).to(jacobian.dtype) @ jacobian
 
     def _preempt(self, items: list[Tensor], scale: Tensor | None) -> BalanceStep | None:
         reuse = self._steps % self.update_every != 0
@@ -388,7 +388,7 @@ class GramianWeighting(_GradientMethod):
         return BalanceStep(weights=self.last_weights.detach().clone())
 
     def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
-        gramian = jacobian @ jacobian.T
+        gramian = engine.gramian(jacobian)
         if self.mode == "features" and distributed.world_size() > 1:
             gramian = distributed.all_reduce_sum_(gramian) / distributed.world_size() ** 2
         weights = self.weights(gramian, losses).to(jacobian.dtype)

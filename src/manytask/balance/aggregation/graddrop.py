@@ -51,17 +51,32 @@ from manytask.balance.randomness import host_to_device, seeded_generator
 from manytask.errors import ConfigError
 
 
-def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor) -> Tensor:
-    """GradDrop's direction for ``(T, P)`` gradients, ``(P,)`` uniform draws and ``(T,)`` leaks."""
+def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor | None) -> Tensor:
+    """GradDrop's direction for ``(T, P)`` gradients, ``(P,)`` uniform draws and ``(T,)`` leaks
+    (``None``: no leak).
+
+    With ``g⁺ = Σᵢ (1 − ℓᵢ) max(gᵢ, 0)`` and ``g⁻ = Σᵢ (1 − ℓᵢ) min(gᵢ, 0)`` per coordinate, the
+    rule's ``Σᵢ (ℓᵢ + (1 − ℓᵢ) Mᵢ) gᵢ`` is ``Σᵢ ℓᵢ gᵢ + [P > U] g⁺ + [P < U] g⁻``: every
+    positive entry of a coordinate is kept when ``P > U``, every negative one when ``P < U``.
+    ``P > U`` is tested as ``Σᵢ gᵢ > (2U − 1) Σᵢ |gᵢ|``, which needs no division and holds for
+    neither sign on a coordinate whose gradients are all zero (its direction is zero anyway).
+    Computed that way the rule takes one pass over the Jacobian and a dozen over its columns,
+    instead of masks of the Jacobian's size.
+    """
+    positive = jacobian.clamp_min(0.0)
+    plus = positive.sum(dim=0)
     total = jacobian.sum(dim=0)
-    magnitude = jacobian.abs().sum(dim=0)
-    nonzero = magnitude > 0
-    ratio = total / torch.where(nonzero, magnitude, torch.ones_like(magnitude))
-    purity = torch.where(nonzero, 0.5 * (1.0 + ratio), torch.full_like(ratio, 0.5))
-    keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
-    leak = leak.to(jacobian)[:, None]
-    factor = leak + (1.0 - leak) * keep.to(jacobian.dtype)
-    return (factor * jacobian).sum(dim=0)
+    threshold = uniform.to(jacobian) * 2.0 - 1.0
+    threshold.mul_(plus * 2.0 - total)  # (2U − 1) Σ |gᵢ|, with Σ |gᵢ| = 2 Σ max(gᵢ, 0) − Σ gᵢ
+    take_up, take_down = total > threshold, total < threshold
+    if leak is None:
+        up, down = plus, total.sub_(plus)
+    else:
+        keep = (1.0 - leak.to(jacobian))[None, :]
+        up = (keep @ positive)[0]
+        down = (keep @ jacobian)[0].sub_(up)
+    kept = up.mul(take_up).add_(down.mul_(take_down))
+    return kept if leak is None else (leak.to(jacobian)[None, :] @ jacobian)[0].add_(kept)
 
 
 @registry.register(
@@ -101,11 +116,11 @@ class GradDrop(JacobianAggregator):
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         uniform = torch.rand(jacobian.shape[1], generator=self.generator, dtype=jacobian.dtype)
-        leak = torch.tensor(self.leak, dtype=jacobian.dtype)
         device = jacobian.device
-        return graddrop_direction(
-            jacobian, host_to_device(uniform, device), host_to_device(leak, device)
-        )
+        leak = None
+        if any(self.leak):
+            leak = host_to_device(torch.tensor(self.leak, dtype=jacobian.dtype), device)
+        return graddrop_direction(jacobian, host_to_device(uniform, device), leak)
 
     def get_extra_state(self) -> Any:
         return {"generator": self.generator.get_state()}

