@@ -186,11 +186,14 @@ def one_pass_feature_backward(
 
     def replace(_total: Tensor) -> Tensor:
         jacobian = rows.get(len(captured), base.numel(), base.device)
-        for row, grad in zip(jacobian, captured, strict=True):
-            if grad is None:
-                row.zero_()
-            else:
-                row.copy_(grad.reshape(-1))
+        if all(grad is not None for grad in captured):  # one copy kernel for all rows
+            torch.stack([grad.reshape(-1) for grad in captured if grad is not None], out=jacobian)
+        else:
+            for row, grad in zip(jacobian, captured, strict=True):
+                if grad is None:
+                    row.zero_()
+                else:
+                    row.copy_(grad.reshape(-1))
         return combine(jacobian).view_as(base).to(base.dtype)
 
     handles = [view.register_hook(keep(i)) for i, view in enumerate(views)]
