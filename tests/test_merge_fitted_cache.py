@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from manytask.errors import ConfigError
-from manytask.merge.fitted import FisherMerging, RegMean
+from manytask.merge.fitted import FisherMerging, LayerWiseAdaMerging, RegMean, TaskWiseAdaMerging
 from manytask.merge.fitted.statistics import StatisticsRule
 from tests.merge_fitted_models import Net, setup
 
@@ -129,3 +129,44 @@ def test_data_that_change_between_readings_warn_that_they_never_hit(tmp_path):
     data = [Shuffling(d) for d in s.data]
     with pytest.warns(RuntimeWarning, match="differed between two readings"):
         RegMean(num_examples=4).fit(s.factory, s.models, data, cache=tmp_path)
+
+
+@pytest.mark.parametrize("make", [TaskWiseAdaMerging, LayerWiseAdaMerging], ids=["task", "layer"])
+def test_adamerging_reuses_its_coefficients_until_an_input_or_setting_changes(make, tmp_path):
+    s = setup()
+
+    def fit(rule):
+        Net.calls = 0
+        merged = rule.fit(s.factory, s.models, s.data, base=s.base, cache=tmp_path)
+        return merged, Net.calls, rule.summary()
+
+    first, calls, summary = fit(make(steps=6))
+    assert calls > 0 and len(summary["entropy"]) == 6
+    second, calls, again = fit(make(steps=6))
+    assert calls == 0  # no forward pass: the coefficients come from the cache
+    assert again == summary
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    uncached = make(steps=6).fit(s.factory, s.models, s.data, base=s.base)
+    assert all(torch.equal(first[k], uncached[k]) for k in first)
+    _, calls, _ = fit(make(steps=6, lr=1e-2))
+    assert calls > 0  # another setting
+    s.data[0][0] = s.data[0][0] + 1.0
+    _, calls, _ = fit(make(steps=6))
+    assert calls > 0  # other data
+    s.base["encoder.0.bias"] = s.base["encoder.0.bias"] + 1.0
+    _, calls, _ = fit(make(steps=6))
+    assert calls > 0  # another base
+    _, calls, _ = fit(make(steps=6))
+    assert calls == 0
+    manifests = sorted((tmp_path / make.name).glob("*.json"))
+    assert len(manifests) == 4
+    entry = json.loads(manifests[0].read_text())
+    assert set(entry["tensors"]) == {"coefficients"} and entry["fields"]["settings"]["steps"] == 6
+
+
+def test_adamerging_refuses_one_shot_data_with_a_cache(tmp_path):
+    s = setup()
+    with pytest.raises(ConfigError, match="one-shot iterators"):
+        TaskWiseAdaMerging(steps=2).fit(
+            s.factory, s.models, [iter(d) for d in s.data], base=s.base, cache=tmp_path
+        )

@@ -29,19 +29,26 @@ Defaults (the paper's experimental setup and the authors' code, github.com/Ennen
 (``prior = 0.3``), ``lr = 1e-3`` with Adam's betas (0.9, 0.999), ``steps = 500`` (``epochs =
 500``). The batch size is the data's (the authors use 16). ``seed`` is unused: no random number
 is drawn, the data's order decides.
+
+With ``cache=FOLDER`` the learned coefficients (and the entropy of every step) are stored by
+:mod:`manytask.merge.fitted.cache`, keyed by the settings (``steps``, ``lr``, ``init``), the
+base's and task models' tensors, the architecture the factory builds, and every batch the steps
+read; a second merge of the same inputs reads them back instead of learning them again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from manytask.errors import ConfigError
 from manytask.merge.fitted.base import Experts, FittedRule, logits_of, module_device
-from manytask.merge.fitted.batches import cycle
+from manytask.merge.fitted.batches import Inputs, cycle, is_one_shot
+from manytask.merge.fitted.cache import Digest, Statistics, StatisticsCache, cached
 from manytask.registry import register
 
 
@@ -62,6 +69,9 @@ class AdaMerging(FittedRule):
     """
 
     needs_base: ClassVar[bool] = True
+    caches_statistics: ClassVar[bool] = True
+    #: the version of the learning procedure, part of the cache key: bump it when it changes
+    statistic_version: ClassVar[int] = 1
     granularity: ClassVar[Literal["task", "layer"]] = "task"
 
     def __init__(self, steps: int = 500, lr: float = 1e-3, init: float = 0.3) -> None:
@@ -96,33 +106,80 @@ class AdaMerging(FittedRule):
             k: torch.stack([m[k].to(device, own[k].dtype) for m in experts.models]) - theta0[k]
             for k in keys
         }
-        modules = experts.build_shared(theta0, first)
-        shape = (experts.count,) if self.granularity == "task" else (len(keys), experts.count)
-        raw = torch.full(shape, self.init, device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([raw], lr=self.lr, betas=(0.9, 0.999))
-        streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
-        self.entropy = []
-        for _ in range(self.steps):
-            merged = self._merge(raw.clamp(0.0, 1.0), theta0, vectors, keys)
-            loss = torch.zeros((), device=device)
-            for task, (module, stream) in enumerate(zip(modules, streams, strict=True)):
-                inputs = next(stream).to(device)
-                loss = loss + mean_entropy(logits_of(inputs.call(module, merged), self.name, task))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            self.entropy.append(float(loss.detach()))
-        coefficients = raw.detach().clamp(0.0, 1.0)
-        self.coefficients = coefficients.cpu()
+        store = None if cache is None else StatisticsCache(cache, self.name)
+        if store is not None and any(is_one_shot(d) for d in experts.data):
+            raise ConfigError(
+                f"{self.name}: with a cache the data are read twice (once to fingerprint "
+                "them); pass lists of batches or DataLoaders, not one-shot iterators"
+            )
+        models = "" if store is None else self._fingerprint(experts, first)
+
+        def read() -> Iterator[Inputs]:  # one batch of every task per step, in step order
+            streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
+            for _ in range(self.steps):
+                for stream in streams:
+                    yield next(stream)
+
+        def learn(batches: Iterator[Inputs]) -> Statistics:
+            modules = experts.build_shared(theta0, first)
+            shape = (experts.count,) if self.granularity == "task" else (len(keys), experts.count)
+            raw = torch.full(shape, self.init, device=device, requires_grad=True)
+            optimizer = torch.optim.Adam([raw], lr=self.lr, betas=(0.9, 0.999))
+            entropy = []
+            for _ in range(self.steps):
+                merged = self._merge(raw.clamp(0.0, 1.0), theta0, vectors, keys)
+                loss = torch.zeros((), device=device)
+                for task, module in enumerate(modules):
+                    inputs = next(batches).to(device)
+                    logits = logits_of(inputs.call(module, merged), self.name, task)
+                    loss = loss + mean_entropy(logits)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                entropy.append(float(loss.detach()))
+            learned = raw.detach().clamp(0.0, 1.0).cpu()
+            return Statistics({"coefficients": learned}, {"entropy": entropy, "tensors": keys})
+
+        stats = cached(
+            store,
+            lambda digest: {
+                "rule": self.name,
+                "statistic": self.statistic_version,
+                "settings": {"steps": self.steps, "lr": self.lr, "init": self.init},
+                "models": models,
+                "data": digest.hexdigest(),
+                "examples": digest.count,
+            },
+            read,
+            learn,
+            f"{self.name}: the data",
+        )
+        coefficients = stats.tensors["coefficients"]
+        self.coefficients = coefficients
+        self.entropy = [float(v) for v in stats.extra.get("entropy", [])]
         self.layers = tuple(keys) if self.granularity == "layer" else ()
         with torch.no_grad():
-            merged = self._merge(coefficients, theta0, vectors, keys)
+            merged = self._merge(coefficients.to(device), theta0, vectors, keys)
         return {
             k: (merged[k] if k in merged else experts.base[k]).to(
                 experts.models[0][k].device, experts.models[0][k].dtype
             )
             for k in experts.keys
         }
+
+    def _fingerprint(self, experts: Experts, module: nn.Module) -> str:
+        """The base's and every task model's tensors, and the architecture (class and ``repr``)
+        the factory builds: what the coefficients depend on besides the data and settings."""
+        digest = Digest()
+        digest.text(f"{type(module).__module__}.{type(module).__qualname__}")
+        digest.text(repr(module))
+        assert experts.base is not None
+        for label, state in [("base", experts.base)] + [
+            (f"model{i}", m) for i, m in enumerate(experts.models)
+        ]:
+            for name, tensor in state.items():
+                digest.tensor(f"{label}/{name}", tensor)
+        return digest.hexdigest()
 
     def _merge(
         self,

@@ -261,6 +261,6 @@ class FittedRule:
         if cache is not None and not self.caches_statistics:
             raise ConfigError(
                 f"{self.name}: computes no statistics to cache; drop cache=... "
-                "(fisher and regmean cache theirs)"
+                "(fisher, regmean and adamerging cache theirs)"
             )
         return Experts(self.name, factory, models, data, base)

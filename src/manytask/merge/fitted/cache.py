@@ -1,6 +1,8 @@
-"""A cache of the statistics fitted rules compute (Fisher diagonals, RegMean Gram matrices).
+"""A cache of the statistics fitted rules compute (Fisher diagonals, RegMean Gram matrices,
+AdaMerging's coefficients).
 
-One entry per (rule, task model, data): a ``.safetensors`` file of tensors and a JSON manifest,
+One entry per (rule, task model, data) — for AdaMerging, per (rule, base and task models, data):
+a ``.safetensors`` file of tensors and a JSON manifest,
 under ``<cache>/<rule>/<key>.{safetensors,json}``. The key is the SHA-256 of the manifest's
 ``fields``: the rule and the version of its statistic, the settings the statistic depends on
 (e.g. Fisher's number of examples, not its floor; RegMean's number of examples, not α), a
@@ -20,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,40 @@ class StatisticsCache:
             "extra": stats.extra,
         }
         write_json(manifest_path, manifest)
+
+
+def cached(
+    store: StatisticsCache | None,
+    fields: Callable[[DataDigest], dict[str, Any]],
+    read: Callable[[], Iterable[Inputs]],
+    compute: Callable[[Iterator[Inputs]], Statistics],
+    what: str,
+) -> Statistics:
+    """``compute`` on the batches ``read()`` yields, or the entry of ``store`` for them.
+
+    With a store the data are read once to fingerprint them (``fields`` maps the fingerprint to
+    the entry's fields) and ``compute`` runs only on a miss; the batches it reads are
+    fingerprinted again and the entry is stored under what was actually used. When the two
+    readings differ (a shuffling loader) a warning says that ``what`` can never hit the cache.
+    """
+    if store is None:
+        return compute(iter(read()))
+    first = DataDigest()
+    for _ in first.passing(read()):
+        pass
+    looked_up = fields(first)
+    found = store.load(looked_up)
+    if found is not None:
+        return found
+    used = DataDigest()
+    stats = compute(used.passing(read()))
+    final = fields(used)
+    if final != looked_up:
+        warnings.warn(
+            f"{what} differed between two readings (a shuffling loader?), so the cached "
+            "statistics can never be reused; give the data a fixed order",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    store.save(final, stats)
+    return stats

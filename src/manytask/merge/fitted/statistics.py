@@ -1,16 +1,16 @@
 """Rules that compute a statistic per task model on its data, then merge in closed form
 (Fisher merging, RegMean), with the statistics cached by :mod:`manytask.merge.fitted.cache`.
 
-With a cache folder, each task's statistic is looked up before the model runs: the data are read
-once to fingerprint them (so they must be re-iterable: a list of batches or a ``DataLoader``, not
-a generator), and the model is run only on a miss. The examples read while computing are
-fingerprinted again and the entry is stored under what was actually used; when the two readings
-differ (a shuffling loader) a warning says that such data can never hit the cache.
+With a cache folder, each task's statistic is looked up before the model runs
+(:func:`~manytask.merge.fitted.cache.cached`): the data are read once to fingerprint them (so
+they must be re-iterable: a list of batches or a ``DataLoader``, not a generator), and the model
+is run only on a miss. The examples read while computing are fingerprinted again and the entry is
+stored under what was actually used; when the two readings differ (a shuffling loader) a warning
+says that such data can never hit the cache.
 """
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +22,13 @@ from torch import nn
 from manytask.errors import ConfigError
 from manytask.merge.fitted.base import Experts, FittedRule
 from manytask.merge.fitted.batches import Inputs, is_one_shot, take
-from manytask.merge.fitted.cache import DataDigest, Statistics, StatisticsCache, module_fingerprint
+from manytask.merge.fitted.cache import (
+    DataDigest,
+    Statistics,
+    StatisticsCache,
+    cached,
+    module_fingerprint,
+)
 
 
 class StatisticsRule(FittedRule, ABC):
@@ -77,35 +83,22 @@ class StatisticsRule(FittedRule, ABC):
     ) -> Statistics:
         module = experts.build(task)
         data = experts.data[task]
-        looked_up: dict[str, Any] | None = None
         model = "" if store is None else module_fingerprint(module)
-        if store is not None:
-            if is_one_shot(data):
-                raise ConfigError(
-                    f"{self.name}: with a cache the data of task {task} are read twice (once to "
-                    "fingerprint them); pass a list of batches or a DataLoader, not a one-shot "
-                    "iterator"
-                )
-            first = DataDigest()
-            for _ in first.passing(take(data, self.num_examples, self.name, task)):
-                pass
-            looked_up = self._fields(model, first, seed)
-            found = store.load(looked_up)
-            if found is not None:
-                return found
-        used = DataDigest()
-        generator = torch.Generator().manual_seed(seed)
-        batches = used.passing(take(data, self.num_examples, self.name, task))
-        stats = self.compute(module, experts.keys, batches, generator, task)
-        if store is not None:
-            fields = self._fields(model, used, seed)
-            if fields != looked_up:
-                warnings.warn(
-                    f"{self.name}: the data of task {task} differed between two readings (a "
-                    "shuffling loader?), so its cached statistics can never be reused; give "
-                    "the data a fixed order",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            store.save(fields, stats)
-        return stats
+        if store is not None and is_one_shot(data):
+            raise ConfigError(
+                f"{self.name}: with a cache the data of task {task} are read twice (once to "
+                "fingerprint them); pass a list of batches or a DataLoader, not a one-shot "
+                "iterator"
+            )
+
+        def compute(batches: Iterable[Inputs]) -> Statistics:
+            generator = torch.Generator().manual_seed(seed)
+            return self.compute(module, experts.keys, batches, generator, task)
+
+        return cached(
+            store,
+            lambda digest: self._fields(model, digest, seed),
+            lambda: take(data, self.num_examples, self.name, task),
+            compute,
+            f"{self.name}: the data of task {task}",
+        )
