@@ -420,3 +420,36 @@ def test_interior_point_crossover_gives_the_plain_iterations_answer():
         unit = jacobian / scale.sqrt()
         difference = (unit.T @ (plain - crossed)).abs().max()
         assert float(difference) <= 1e-6 * max(1.0, float(unit.abs().max()))
+
+
+def test_enumerated_supports_certify_small_problems_as_the_pivoting_does():
+    """With at most 3 variables every support is tried: the certified answers satisfy the KKT
+    conditions and equal the pivoting's (full rank) or give the interior point's objective and
+    direction (duplicate tasks, where the minimiser is not unique); all-zero problems give 0."""
+    from manytask.balance.solvers import qp
+
+    gen = torch.Generator().manual_seed(8)
+    for t in (1, 2, 3):
+        for _ in range(30):
+            jacobian = random_jacobian(gen, t, t + 3)
+            g = jacobian @ jacobian.T
+            g = 0.5 * (g + g.T) / g.diagonal().mean()
+            b = g / t
+            found, certified = qp._enumerated(g.numpy(), b.numpy())
+            z = torch.from_numpy(found)
+            assert certified.all()
+            assert (z >= 0).all() and float((g @ z + b).clamp_max(0).abs().sum()) <= 1e-10
+            pivoted, sure = qp._pivoting(g, b, b < 0, 60)
+            assert torch.allclose(z[:, sure], pivoted[:, sure], atol=1e-9)
+    twin = torch.randn(1, 5, generator=gen, dtype=torch.float64)
+    jacobian = torch.cat([twin, twin, -twin])  # duplicate and opposite tasks: rank one
+    g = jacobian @ jacobian.T
+    b = g / 3
+    found, certified = qp._enumerated(g.numpy(), b.numpy())
+    reference = qp._interior_point(g, b, 40)
+    for z in (torch.from_numpy(found), reference):
+        direction = jacobian.T @ (z + torch.eye(3, dtype=torch.float64) / 3)
+        assert torch.allclose(direction, torch.zeros(5, 3, dtype=torch.float64), atol=1e-7)
+    assert certified.all()
+    zero, certified = qp._enumerated(np.zeros((2, 2)), np.zeros((2, 2)))
+    assert certified.all() and not zero.any()

@@ -32,7 +32,9 @@ and each answer is kept only with a KKT certificate to ``1e-12``. The problems i
 (a singular ``A`` on a support, from rank-deficient Gramians or duplicate tasks) go to the
 interior point, which on a CPU also tries, every few iterations, the support its iterates point
 to (a crossover). On 40 conflicting tasks this takes the projections of UPGrad from 9.4 ms to
-0.8 ms on a 2-core CPU.
+0.8 ms on a 2-core CPU. With at most 3 tasks the pivoting is replaced by trying every support
+in numpy (:func:`_enumerated`: 4 or 8 small solves, under the same certificate), which takes
+the two-task projections from 0.13 to 0.02 ms.
 
 :func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
 (Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
@@ -41,6 +43,8 @@ to (a crossover). On 40 conflicting tasks this takes the projections of UPGrad f
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -66,6 +70,10 @@ _PIVOT_CHANCES = 3
 #: on a CPU the interior point tries the support its iterates point to every this many
 #: iterations (a try costs about one iteration; most supports are found after 8 to 12)
 _CROSSOVER_EVERY = 4
+#: on a CPU, problems with at most this many variables try every support (:func:`_enumerated`)
+#: instead of pivoting: 2 variables 0.02 instead of 0.13 ms, 3 variables 0.10 instead of 0.14 ms,
+#: 4 variables no faster
+_ENUMERATE_UP_TO = 3
 
 
 def _support_solve(a: Tensor, b: Tensor, support: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,6 +100,37 @@ def _support_solve(a: Tensor, b: Tensor, support: Tensor) -> tuple[Tensor, Tenso
     stationary = torch.where(support, gradient.abs() <= tol, gradient >= -tol).all(dim=0)
     certified = (info == 0) & ~violated.any(dim=0) & stationary
     return z, certified, violated & (info == 0)
+
+
+def _enumerated(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """For each column of ``b`` (``(T, K)``, small ``T``), the minimiser found by trying every
+    support in turn: solve ``A_SS z_S = −b_S`` and keep it for the columns where it passes the
+    certificate of :func:`_support_solve`. Returns the answers and which columns are certified
+    (a column whose supports are all singular is not)."""
+    t, k = b.shape
+    result = np.zeros_like(b)
+    done = np.zeros(k, dtype=bool)
+    tol = _CERTIFIED * np.maximum(np.abs(b).max(axis=0), 1.0)
+    for mask in range(1 << t):
+        on = np.array([(mask >> i) & 1 == 1 for i in range(t)])
+        z = np.zeros((t, k))
+        if on.any():
+            try:
+                z[on] = np.linalg.solve(a[np.ix_(on, on)], -b[on])
+            except np.linalg.LinAlgError:  # singular on this support
+                continue
+        feasible = (z >= -tol).all(axis=0)
+        z = z.clip(min=0.0)
+        gradient = a @ z + b
+        stationary = np.where(on[:, None], np.abs(gradient) <= tol, gradient >= -tol).all(axis=0)
+        new = feasible & stationary & ~done
+        result[:, new] = z[:, new]
+        done |= new
+        if done.all():
+            break
+    return result, done
 
 
 def _pivoting(a: Tensor, b: Tensor, support: Tensor, rounds: int) -> tuple[Tensor, Tensor]:
@@ -215,11 +254,11 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     The problem must be bounded below (true for every use here). When ``A`` is singular the
     minimiser need not be unique; the interior-point iterates approach the centre of the set of
     minimisers. On a CPU all columns first go through :func:`_pivoting` from the support
-    ``b < 0`` (the coordinates whose gradient at zero descends); the columns it does not
-    certify are solved as one batch by the interior-point method (one batched Cholesky
-    factorisation per iteration), with a crossover to :func:`_support_solve` every few
-    iterations. Elsewhere the interior point solves every column (certificates would read
-    values back to the host).
+    ``b < 0`` (the coordinates whose gradient at zero descends), or, with at most 3 variables,
+    :func:`_enumerated`; the columns they do not certify are solved as one batch by the
+    interior-point method (one batched Cholesky factorisation per iteration), with a crossover
+    to :func:`_support_solve` every few iterations. Elsewhere the interior point solves every
+    column (certificates would read values back to the host).
     """
     a = quadratic.double()
     a = 0.5 * (a + a.T)
@@ -234,7 +273,11 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     if a.device.type != "cpu":
         return _interior_point(a, b, iterations)
     columns = b.reshape(t, -1)
-    result, certified = _pivoting(a, columns, columns < 0, _PIVOT_ROUNDS)
+    if t <= _ENUMERATE_UP_TO:
+        found, sure = _enumerated(a.detach().numpy(), columns.detach().numpy())
+        result, certified = torch.from_numpy(found), torch.from_numpy(sure)
+    else:
+        result, certified = _pivoting(a, columns, columns < 0, _PIVOT_ROUNDS)
     if not bool(certified.all()):
         hard = ~certified
         result[:, hard] = _interior_point(a, columns[:, hard], iterations, crossover=True)
