@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from manytask.balance.solvers.simplex import project_simplex
+from manytask.balance.solvers import simplex
+from manytask.balance.solvers.simplex import project_simplex, simplex_qp
 
 
 def by_bisection(v: np.ndarray) -> np.ndarray:
@@ -37,3 +38,23 @@ def test_torch_and_numpy_projections_agree_with_the_definition(n):
         np.testing.assert_allclose(project_simplex(torch.from_numpy(row)).numpy(), one, atol=1e-15)
     np.testing.assert_allclose(project_simplex(rows), batched, atol=1e-15)  # numpy, batched
     np.testing.assert_allclose(project_simplex(rows[0]), rows[0], atol=1e-15)
+
+
+@pytest.mark.parametrize("t", [3, 10, 40])
+def test_simplex_qp_in_numpy_equals_the_torch_iterations(t):
+    """On a CPU simplex_qp iterates in numpy; the torch iterations (those of a GPU) reach the
+    same minimiser, and it satisfies the KKT conditions of the simplex."""
+    gen = torch.Generator().manual_seed(t)
+    for _ in range(5):
+        jacobian = torch.randn(t, t + 5, generator=gen, dtype=torch.float64)
+        jacobian[0] = jacobian[1]  # a duplicate task
+        a = jacobian @ jacobian.T
+        b = torch.randn(t, generator=gen, dtype=torch.float64) * 0.1
+        w = simplex_qp(a, b)
+        reference = simplex._fista(a, b, 300, 1e-9, may_stop=False)
+        assert isinstance(w, torch.Tensor) and w.dtype == torch.float64
+        assert float((w - reference).abs().max()) <= 1e-7
+        assert float(w.min()) >= 0.0 and float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+        gradient = a @ w + b
+        level = float((w * gradient).sum())
+        assert float(gradient.min()) >= level - 1e-8 * (1 + float(gradient.abs().max()))

@@ -58,40 +58,52 @@ def _pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
     return ((g22 - g12) / denominator).clamp(0.0, 1.0)
 
 
-def _largest_eigenvalue(a: Tensor) -> Tensor:
-    """λ_max of a small symmetric matrix: LAPACK on the CPU; on a GPU, where
+def _namespace(x: Any) -> Any:
+    """numpy for arrays, torch for tensors: the solvers below run on either."""
+    return np if isinstance(x, np.ndarray) else torch
+
+
+def _largest_eigenvalue(a: Any) -> Any:
+    """λ_max of a small symmetric matrix: LAPACK on the CPU (numpy or torch); on a GPU, where
     ``torch.linalg.eigvalsh`` waits for the device, the Jacobi solver of :mod:`.eigh`."""
+    if isinstance(a, np.ndarray):
+        return np.linalg.eigvalsh(a).max()
     values = torch.linalg.eigvalsh(a) if a.device.type == "cpu" else symmetric_eigh(a)[0]
     return values.max()
 
 
-def _polish(a: Tensor, b: Tensor, w: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+def _polish(a: Any, b: Any, w: Any, tol: float) -> tuple[Any, Any]:
     """Solve the problem exactly on the support of ``w`` and say whether that is optimal.
 
     On the support ``S`` the optimum satisfies ``A_SS w_S + b_S = μ 1`` and ``Σ w_S = 1``
     (a small linear system, solved by least squares so that duplicate tasks are fine). The
     result is kept when it is feasible and no task outside ``S`` has a smaller gradient
-    (the KKT conditions); otherwise ``w`` is returned unchanged.
+    (the KKT conditions); otherwise ``w`` is returned unchanged. Arrays or tensors.
     """
+    xp = _namespace(a)
     t = a.shape[0]
-    support = w > 0
-    mask = support.to(a.dtype)
-    system = torch.zeros(t + 1, t + 1, dtype=a.dtype, device=a.device)
-    system[:t, :t] = a * mask[:, None] * mask[None, :] + torch.diag(1.0 - mask)
-    system[:t, t] = -mask
-    system[t, :t] = mask
-    rhs = torch.cat([-b * mask, torch.ones(1, dtype=a.dtype, device=a.device)])
-    solution = torch.linalg.lstsq(system, rhs[:, None]).solution[:, 0]
+    mask = xp.where(w > 0, xp.ones_like(w), xp.zeros_like(w))
+    one = xp.ones_like(mask[:1])
+    block = a * mask[:, None] * mask[None, :] + xp.diag(1.0 - mask)
+    system = xp.concatenate(
+        [
+            xp.concatenate([block, -mask[:, None]], 1),
+            xp.concatenate([mask, one * 0.0])[None, :],
+        ],
+        0,
+    )
+    rhs = xp.concatenate([-b * mask, one])
+    solution = xp.linalg.lstsq(system, rhs[:, None])[0][:, 0]
     candidate = solution[:t] * mask
     gradient = a @ candidate + b
     level = (candidate * gradient).sum()
-    scale = 1.0 + gradient.abs().max()
+    scale = 1.0 + abs(gradient).max()
     optimal = (
         (candidate >= -tol).all()
-        & ((candidate.sum() - 1.0).abs() <= tol)
+        & (abs(candidate.sum() - 1.0) <= tol)
         & (gradient >= level - tol * scale).all()
     )
-    polished = torch.where(optimal, candidate.clamp_min(0.0), w)
+    polished = xp.where(optimal, candidate.clip(min=0.0), w)
     return polished / polished.sum(), optimal
 
 
@@ -108,21 +120,32 @@ def simplex_qp(
 
     On a GPU every iteration runs (a convergence test would wait for the device). On the CPU,
     where reading a value costs nothing, every 10 iterations the support is polished and the
-    loop stops as soon as that is optimal.
+    loop stops as soon as that is optimal; there the iterations run in numpy, whose small
+    operations cost a fraction of torch's (MGDA's weights: 0.44 → 0.17 ms at 10 tasks, 0.51 →
+    0.35 ms at 40).
     """
     a = quadratic.double()
+    b = torch.zeros_like(a[0]) if linear is None else linear.double()
+    if a.device.type == "cpu":
+        solved = _fista(a.detach().numpy(), b.detach().numpy(), iterations, tol, may_stop=True)
+        return torch.from_numpy(solved)
+    result: Tensor = _fista(a, b, iterations, tol, may_stop=False)
+    return result
+
+
+def _fista(a: Any, b: Any, iterations: int, tol: float, may_stop: bool) -> Any:
+    """The iterations of :func:`simplex_qp` on float64 arrays or tensors."""
+    xp = _namespace(a)
     t = a.shape[0]
-    b = torch.zeros(t, dtype=a.dtype, device=a.device) if linear is None else linear.double()
     # the minimiser does not change when the objective is scaled: work at unit scale, so that
     # the tolerances are relative
-    size = torch.maximum(a.abs().max(), b.abs().max()).clamp_min(1e-300)
+    size = xp.maximum(abs(a).max(), abs(b).max()).clip(min=1e-300)
     a, b = a / size, b / size
-    ranks = torch.arange(1, t + 1, device=a.device, dtype=a.dtype)
-    step = 1.0 / _largest_eigenvalue(a).clamp_min(1e-20)
-    w = torch.full((t,), 1.0 / t, dtype=a.dtype, device=a.device)
+    ranks = xp.ones_like(b).cumsum(0)
+    step = 1.0 / _largest_eigenvalue(a).clip(min=1e-20)
+    w = xp.ones_like(b) / t
     y = w
     momentum = 1.0
-    may_stop = a.device.type == "cpu"
     for k in range(iterations):
         w_next = project_simplex(y - step * (a @ y + b), ranks)
         momentum_next = (1.0 + (1.0 + 4.0 * momentum * momentum) ** 0.5) / 2.0
@@ -130,7 +153,7 @@ def simplex_qp(
         w, momentum = w_next, momentum_next
         if may_stop and k % 10 == 9:
             polished, optimal = _polish(a, b, w, tol)
-            if bool(optimal):  # a CPU tensor: no device to wait for
+            if bool(optimal):  # a CPU value: no device to wait for
                 return polished
     return _polish(a, b, w, tol)[0]
 
