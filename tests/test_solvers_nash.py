@@ -179,3 +179,20 @@ def test_a_float32_gramian_of_nearly_opposite_gradients_gives_finite_weights(pow
     assert torch.linalg.det(gramian.double()) < 0
     w = power_balance(gramian, power=power)
     assert torch.isfinite(w).all() and (w > 0).all()
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 2.0])
+def test_the_numpy_steps_of_a_cpu_equal_the_torch_steps_of_an_accelerator(power):
+    """On a CPU power_balance runs its Newton steps in numpy; the torch steps (those of a GPU,
+    with every step run) reach the same weights."""
+    from manytask.balance.solvers import nash
+
+    gen = torch.Generator().manual_seed(int(power * 10))
+    for t in (2, 10, 40):
+        jacobian = torch.randn(t, t + 3, generator=gen, dtype=torch.float64)
+        gramian = jacobian @ jacobian.T
+        on_cpu = power_balance(gramian, power)
+        shift = max(nash.EPSILON, nash.rounding_shift(gramian))
+        elsewhere = nash._newton(gramian, power, 40, shift, may_stop=False)
+        assert isinstance(on_cpu, torch.Tensor) and on_cpu.dtype == torch.float64
+        assert torch.allclose(on_cpu, elsewhere, rtol=1e-9, atol=0)

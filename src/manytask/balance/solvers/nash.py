@@ -31,14 +31,20 @@ the direction). With the default 40 Newton steps the relative residual of :math:
 is about ``1e-11`` on random problems with 2–40 tasks, and stays below ``1e-8`` (the bias of the
 regularisation) on badly conditioned ones (``tests/test_solvers_nash.py``). On a CPU, where
 reading a value costs no device synchronisation, the loop stops as soon as the relative residual
-is below ``1e-13`` (typically after 5–10 steps).
+is below ``1e-13`` (typically after 5–10 steps), and the steps run in numpy
+(:mod:`.backend`).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
+from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.precision import rounding_shift
 
 #: relative diagonal regularisation (see the module docstring); at least ``T·ε`` of the
@@ -50,72 +56,98 @@ _LINE_SEARCH = 30
 _RESIDUAL = 1e-13
 
 
-def _change(w: Tensor, step: Tensor, lengths: Tensor, gramian: Tensor, p: float) -> Tensor:
+def _change(w: Any, step: Any, lengths: Any, gramian: Any, p: float) -> Any:
     """``f(w + tΔ) − f(w)`` for every candidate length ``t``; inf outside the positive orthant.
 
     Computed as a difference (quadratic part from ``wᵀAΔ`` and ``ΔᵀAΔ``, barrier part through
     ``log1p``/``expm1`` of ``tΔᵢ/wᵢ``), so small decreases are resolved without cancellation
-    and no matrix–matrix product is needed.
+    and no matrix–matrix product is needed. Arrays or tensors.
     """
+    xp = namespace(w)
     ratio = lengths[:, None] * step[None, :] / w[None, :]  # (K, T)
-    inside = (ratio > -1).all(dim=-1)
-    logs = torch.log1p(torch.where(ratio > -1, ratio, torch.zeros_like(ratio)))
+    inside = (ratio > -1).all(-1)
+    logs = xp.log1p(xp.where(ratio > -1, ratio, xp.zeros_like(ratio)))
     if p == 1.0:
-        reward = logs.sum(dim=-1)  # Σ log(wᵢ + tΔᵢ) − log wᵢ
+        reward = logs.sum(-1)  # Σ log(wᵢ + tΔᵢ) − log wᵢ
     else:
         q = 1.0 - p  # Σ ((wᵢ + tΔᵢ)^q − wᵢ^q)/q
-        reward = ((w**q)[None, :] * torch.expm1(q * logs)).sum(dim=-1) / q
+        reward = ((w**q)[None, :] * xp.expm1(q * logs)).sum(-1) / q
     a_step = gramian @ step
     quadratic = lengths * (w @ a_step) + 0.5 * lengths * lengths * (step @ a_step)
     value = quadratic - reward
-    return torch.where(inside, value, torch.full_like(value, torch.inf))
+    return xp.where(inside, value, xp.full_like(value, math.inf))
+
+
+def _solve(system: Any, rhs: Any) -> Any:
+    """``system⁻¹ rhs``, or zeros when the system is singular or the solution not finite."""
+    if isinstance(system, np.ndarray):
+        try:
+            solved = np.linalg.solve(system, rhs)
+        except np.linalg.LinAlgError:
+            return np.zeros_like(rhs)
+        return solved if np.isfinite(solved).all() else np.zeros_like(rhs)
+    solved, _ = torch.linalg.solve_ex(system, rhs[:, None])
+    return torch.where(torch.isfinite(solved).all(), solved, torch.zeros_like(solved))[:, 0]
 
 
 def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> Tensor:
     """The positive ``w`` with ``(G w)ᵢ = wᵢ^(−power)`` (float64; see the module docstring).
 
     ``power = 1`` gives the Nash bargaining weights of Nash-MTL; ``power = 1/α`` FairGrad's.
-    Under ``G → cG`` the weights scale by ``c^(−1/(1+power))``.
+    Under ``G → cG`` the weights scale by ``c^(−1/(1+power))``. On a CPU the Newton steps run
+    in numpy (Nash-MTL's weights at 10 tasks: 0.38 → 0.15 ms), elsewhere in torch.
     """
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
+    shift = max(EPSILON, rounding_shift(gramian))
     g = gramian.double()
+    if g.device.type == "cpu":
+        solved = _newton(g.detach().numpy(), float(power), iterations, shift, may_stop=True)
+        return torch.from_numpy(solved)
+    result: Tensor = _newton(g, float(power), iterations, shift, may_stop=False)
+    return result
+
+
+def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> Any:
+    """The Newton iteration of :func:`power_balance` on float64 arrays or tensors."""
+    xp = namespace(g)
     g = 0.5 * (g + g.T)
     t = g.shape[0]
     diagonal = g.diagonal()
     mean = diagonal.sum() / t
-    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
-    live = diagonal > 1e-12 * diagonal.max().clamp_min(0.0)  # numerically non-zero gradients
-    eye = torch.eye(t, dtype=g.dtype, device=g.device)
-    a = g / mean + max(EPSILON, rounding_shift(gramian)) * eye
-    p = float(power)
+    mean = xp.where(mean > 0, mean, xp.ones_like(mean))
+    live = diagonal > 1e-12 * diagonal.max().clip(min=0.0)  # numerically non-zero gradients
+    a = g / mean + shift * xp.diag(xp.ones_like(diagonal))
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv
-    v = torch.rsqrt(a.diagonal())
+    v = a.diagonal() ** -0.5
     c = ((v ** (1.0 - p)).sum() / (v @ a @ v)) ** (1.0 / (1.0 + p))
     w = start = c * v
-    lengths = 0.5 ** torch.arange(_LINE_SEARCH, dtype=g.dtype, device=g.device)
-    may_stop = g.device.type == "cpu"  # reading a CPU tensor waits for no device
+    lengths: Any = (
+        0.5 ** np.arange(_LINE_SEARCH, dtype=np.float64)
+        if xp is np
+        else 0.5 ** torch.arange(_LINE_SEARCH, dtype=g.dtype, device=g.device)
+    )
     for _ in range(iterations):
         aw = a @ w
         barrier = w ** (1.0 - p)  # w · h'(w)
-        if may_stop and bool(((w * aw - barrier).abs() <= _RESIDUAL * barrier).all()):
-            break
+        if may_stop and bool((abs(w * aw - barrier) <= _RESIDUAL * barrier).all()):
+            break  # a CPU value: no device to wait for
         # scaled Newton system: (W A W + p·diag(w^(1−p))) s = W ∇f, step = −W s
-        system = w[:, None] * a * w[None, :] + torch.diag(p * barrier)
+        system = w[:, None] * a * w[None, :] + xp.diag(p * barrier)
         rhs = w * aw - barrier
-        solved, _ = torch.linalg.solve_ex(system, rhs[:, None])
-        solved = torch.where(torch.isfinite(solved).all(), solved, torch.zeros_like(solved))
-        step = -w * solved[:, 0]
-        decrement = rhs @ solved[:, 0]  # Newton decrement λ², ≥ 0
+        solved = _solve(system, rhs)
+        step = -w * solved
+        decrement = rhs @ solved  # Newton decrement λ², ≥ 0
         values = _change(w, step, lengths, a, p)
         better = values < 0
         # at the solution even the change cannot resolve the decrease: take the full step
-        better[0] = better[0] | ((decrement < 1e-10) & torch.isfinite(values[0]))
-        index = torch.argmax(better.to(torch.int64))
-        chosen = lengths.gather(0, index.reshape(1))[0]  # (a 0-dim tensor index would sync)
-        length = torch.where(better.any(), chosen, torch.zeros_like(chosen))
+        better[0] = better[0] | ((decrement < 1e-10) & xp.isfinite(values[0]))
+        index = (better * 1).argmax()
+        # (a 0-dim tensor index would wait for the device: gather)
+        chosen = lengths[index] if xp is np else lengths.gather(0, index.reshape(1))[0]
+        length = xp.where(better.any(), chosen, xp.zeros_like(chosen))
         w = w + length * step
-    w = torch.where(torch.isfinite(w).all(), w, start)  # never inf/NaN, whatever the input
+    w = xp.where(xp.isfinite(w).all(), w, start)  # never inf/NaN, whatever the input
     w = w * mean ** (-1.0 / (1.0 + p))  # back to the scale of G
-    return torch.where(live, w, torch.zeros_like(w))
+    return xp.where(live, w, xp.zeros_like(w))

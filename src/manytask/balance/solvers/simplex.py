@@ -9,6 +9,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.eigh import symmetric_eigh
 
 
@@ -58,11 +59,6 @@ def _pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
     return ((g22 - g12) / denominator).clamp(0.0, 1.0)
 
 
-def _namespace(x: Any) -> Any:
-    """numpy for arrays, torch for tensors: the solvers below run on either."""
-    return np if isinstance(x, np.ndarray) else torch
-
-
 def _largest_eigenvalue(a: Any) -> Any:
     """λ_max of a small symmetric matrix: LAPACK on the CPU (numpy or torch); on a GPU, where
     ``torch.linalg.eigvalsh`` waits for the device, the Jacobi solver of :mod:`.eigh`."""
@@ -80,7 +76,7 @@ def _polish(a: Any, b: Any, w: Any, tol: float) -> tuple[Any, Any]:
     result is kept when it is feasible and no task outside ``S`` has a smaller gradient
     (the KKT conditions); otherwise ``w`` is returned unchanged. Arrays or tensors.
     """
-    xp = _namespace(a)
+    xp = namespace(a)
     t = a.shape[0]
     mask = xp.where(w > 0, xp.ones_like(w), xp.zeros_like(w))
     one = xp.ones_like(mask[:1])
@@ -135,7 +131,7 @@ def simplex_qp(
 
 def _fista(a: Any, b: Any, iterations: int, tol: float, may_stop: bool) -> Any:
     """The iterations of :func:`simplex_qp` on float64 arrays or tensors."""
-    xp = _namespace(a)
+    xp = namespace(a)
     t = a.shape[0]
     # the minimiser does not change when the objective is scaled: work at unit scale, so that
     # the tolerances are relative

@@ -1,0 +1,19 @@
+"""numpy or torch: where the solvers' small loops run.
+
+On a CPU a numpy operation on a vector of a few dozen entries costs a fraction of a torch
+operation's dispatch, and the solvers' loops are dozens of such operations; on accelerators the
+loops stay in torch, on the device. The solvers written for both take the namespace of their
+input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def namespace(x: Any) -> Any:
+    """``numpy`` for numpy arrays, ``torch`` for tensors."""
+    return np if isinstance(x, np.ndarray) else torch
