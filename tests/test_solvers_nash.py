@@ -196,3 +196,15 @@ def test_the_numpy_steps_of_a_cpu_equal_the_torch_steps_of_an_accelerator(power)
         elsewhere = nash._newton(gramian, power, 40, shift, may_stop=False)
         assert isinstance(on_cpu, torch.Tensor) and on_cpu.dtype == torch.float64
         assert torch.allclose(on_cpu, elsewhere, rtol=1e-9, atol=0)
+
+
+def test_the_numpy_steps_are_silent_on_a_non_finite_gramian_as_torch_was(recwarn):
+    from manytask.balance.solvers import nash
+
+    for value in (float("nan"), float("inf")):
+        gramian = torch.full((3, 3), value, dtype=torch.float64)
+        w = power_balance(gramian, 1.0)
+        expected = nash._newton(gramian, 1.0, 40, nash.EPSILON, may_stop=False)
+        assert torch.equal(w.isnan(), expected.isnan())
+        assert torch.equal(w.nan_to_num(), expected.nan_to_num())
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -58,3 +58,10 @@ def test_simplex_qp_in_numpy_equals_the_torch_iterations(t):
         gradient = a @ w + b
         level = float((w * gradient).sum())
         assert float(gradient.min()) >= level - 1e-8 * (1 + float(gradient.abs().max()))
+
+
+def test_a_non_finite_problem_raises_torch_linalg_error_without_numpy_warnings(recwarn):
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(RuntimeError):  # torch's LinAlgError, as the torch iterations raise
+            simplex_qp(torch.full((3, 3), value, dtype=torch.float64))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -482,19 +482,19 @@ def _make_plan(
         checkpoints.append(summary("base", "base", inputs.described["base"], inputs.base))
     for entry, source in zip(inputs.described["models"], inputs.models, strict=True):
         checkpoints.append(summary("model", entry["name"], entry["path"], source))
-    sizes = [
-        info.numel * (out_dtype or info.dtype).itemsize if info.is_floating else info.nbytes
-        for _, info in checked
-    ]
-    largest_name, largest = max(checked, key=lambda item: item[1].numel, default=("", None))
     blocks = _block_rows(inputs, checked, rule)
+
+    def output_bytes(info: TensorInfo, rows: int | None) -> int:
+        """Bytes of the output tensor, or of one block of ``rows`` rows of it."""
+        if not info.is_floating:
+            return info.nbytes
+        return _held_numel(info, rows) * (out_dtype or info.dtype).itemsize
+
+    sizes = [output_bytes(info, None) for _, info in checked]
+    # a tensor merged in blocks reaches the writer a block at a time
+    held_out = [output_bytes(info, blocks.get(name)) for name, info in checked]
+    largest_name, largest = max(checked, key=lambda item: item[1].numel, default=("", None))
     held = [_held_numel(info, blocks.get(name)) for name, info in checked if info.is_floating]
-    held_out = [
-        _held_numel(info, blocks.get(name)) * (out_dtype or info.dtype).itemsize
-        if info.is_floating
-        else info.nbytes
-        for name, info in checked
-    ]  # a tensor merged in blocks reaches the writer a block at a time
     return MergePlan(
         rule=rule_name,
         two_pass=rule.two_pass,

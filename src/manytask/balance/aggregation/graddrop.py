@@ -72,11 +72,12 @@ def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor | None) -
     if leak is None:
         up, down = plus, total.sub_(plus)
     else:
-        keep = (1.0 - leak.to(jacobian))[None, :]
+        leak = leak.to(jacobian)
+        keep = (1.0 - leak)[None, :]
         up = (keep @ positive)[0]
         down = (keep @ jacobian)[0].sub_(up)
     kept = up.mul(take_up).add_(down.mul_(take_down))
-    return kept if leak is None else (leak.to(jacobian)[None, :] @ jacobian)[0].add_(kept)
+    return kept if leak is None else (leak[None, :] @ jacobian)[0].add_(kept)
 
 
 @registry.register(

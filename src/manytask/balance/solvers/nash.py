@@ -102,7 +102,8 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     shift = max(EPSILON, rounding_shift(gramian))
     g = gramian.double()
     if g.device.type == "cpu":
-        solved = _newton(g.detach().numpy(), float(power), iterations, shift, may_stop=True)
+        with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
+            solved = _newton(g.detach().numpy(), float(power), iterations, shift, may_stop=True)
         return torch.from_numpy(solved)
     result: Tensor = _newton(g, float(power), iterations, shift, may_stop=False)
     return result

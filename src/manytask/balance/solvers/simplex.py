@@ -123,7 +123,11 @@ def simplex_qp(
     a = quadratic.double()
     b = torch.zeros_like(a[0]) if linear is None else linear.double()
     if a.device.type == "cpu":
-        solved = _fista(a.detach().numpy(), b.detach().numpy(), iterations, tol, may_stop=True)
+        with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
+            try:
+                solved = _fista(a.detach().numpy(), b.detach().numpy(), iterations, tol, True)
+            except np.linalg.LinAlgError as error:  # the error torch's LAPACK call raises
+                raise torch.linalg.LinAlgError(str(error)) from error  # type: ignore[attr-defined]
         return torch.from_numpy(solved)
     result: Tensor = _fista(a, b, iterations, tol, may_stop=False)
     return result
