@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from manytask.config import apply_overrides, load_config, parse_config
+from manytask import registry
+from manytask.config import load_config, parse_config
 from manytask.errors import ConfigError
+from manytask.validation import apply_overrides
 
 BASE = {
     "name": "cfg",
@@ -118,3 +120,31 @@ def test_task_overrides_select_and_change_tasks():
     task = experiment.tasks["y2"]
     assert task.primary_metric == "r2" and task.weight == 0.5
     assert list(experiment.model.heads) == ["y2"]
+
+
+def test_registry_look_ups_import_the_modules_that_register_each_kind():
+    """A fresh process that imports only the registry still finds every kind's components;
+    `import manytask` alone loads none of its subpackages."""
+    code = (
+        "import sys\nimport manytask\n"
+        "assert 'manytask.balance' not in sys.modules and 'manytask.nn' not in sys.modules\n"
+        "from manytask import registry\n"
+        "from manytask.task import Task\n"
+        "task = Task('y', 'cross_entropy', output_dim=3)\n"
+        "assert task.metrics[0] == 'accuracy' and task.higher_is_better('accuracy')\n"
+        "print(*(len(registry.names(kind)) for kind in registry.KINDS))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    counts = dict(zip(registry.KINDS, map(int, done.stdout.split()), strict=True))
+    assert counts == {kind: len(registry.names(kind)) for kind in registry.KINDS}
+    assert min(counts.values()) > 0
+
+
+def test_the_package_imports_its_parts_on_first_use():
+    import manytask
+
+    assert manytask.balance.get is not None and manytask.Config is manytask.config.Config
+    assert {"balance", "nn", "Config", "load_config"} <= set(dir(manytask))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = manytask.nope  # type: ignore[attr-defined]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,3 +174,31 @@ def test_task_arithmetic_end_to_end_from_the_command_line(tmp_path, capsys):
     with open_checkpoint(tmp_path / "out") as merged:
         w = merged.get("w")
         assert w.dtype == torch.bfloat16 and torch.equal(w, expected.to(torch.bfloat16))
+
+
+def test_a_quiet_merge_loads_neither_the_training_stack_nor_the_progress_bar(tmp_path):
+    """`manytask merge` imports the merge package alone (the package imports its parts on
+    first use): the training stack, the balancers and rich's progress bar stay unloaded."""
+    base = {"w": torch.zeros(4)}
+    for name, sd in (("base", base), ("t1", {"w": torch.ones(4)})):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    config = {
+        "base": str(tmp_path / "base.safetensors"),
+        "models": [str(tmp_path / "t1.safetensors")],
+        "rule": "task_arithmetic",
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code = (
+        "import sys\nfrom manytask.cli import main\n"
+        f"assert main(['merge', {str(tmp_path / 'c.yaml')!r}, '--quiet']) == 0\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "manytask.merge.methods.task_arithmetic" in loaded
+    training = ("train", "balance", "nn", "data", "adapters", "evaluate", "config")
+    for absent in (*(f"manytask.{part}" for part in training), "rich.progress"):
+        assert absent not in loaded, absent
+    with open_checkpoint(tmp_path / "out") as merged:
+        assert torch.equal(merged.get("w"), torch.full((4,), 0.3))

@@ -3,6 +3,9 @@
 Errors caused by input (an unknown key, method or path, a value of the wrong type …) are printed
 as one short message without a traceback, and the command exits with status 2. A run that
 stops on a NaN loss exits with status 1.
+
+Each command imports what it needs when it runs: ``manytask merge`` never loads the training
+stack, and ``manytask --help`` loads neither.
 """
 
 from __future__ import annotations
@@ -11,18 +14,17 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress
-from rich.table import Table
 
-import manytask.adapters  # noqa: F401 - registers the adapter methods for `manytask list`
-from manytask import __version__, distributed, merge, registry
-from manytask.config import Config, load_config
+from manytask import __version__, distributed, registry
 from manytask.errors import ManytaskError, NonFiniteLossError
-from manytask.evaluate.leaderboard import Leaderboard
-from manytask.merge.config import MergeConfig
+
+if TYPE_CHECKING:
+    from manytask.config import Config
+    from manytask.evaluate.leaderboard import Leaderboard
+    from manytask.merge.config import MergeConfig
 
 LIST_KINDS = {
     "balancers": "balancer",
@@ -129,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_leaderboard(console: Console, board: Leaderboard, title: str) -> None:
+    from rich.table import Table
+
     table = Table(title=title)
     for i, column in enumerate(board.header()):
         table.add_column(column, justify="left" if i == 0 else "right")
@@ -139,6 +143,9 @@ def _print_leaderboard(console: Console, board: Leaderboard, title: str) -> None
 
 def _print_table(console: Console, title: str, header: list[str], rows: list[list[str]]) -> None:
     """A table of plain text (square brackets are not read as rich markup)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title=escape(title))
     for i, column in enumerate(header):
         table.add_column(escape(column), justify="left" if i == 0 else "right")
@@ -170,6 +177,8 @@ def _group(console: Console, errors: Console, args: argparse.Namespace, config: 
 
 
 def _list(console: Console, kind: str | None) -> None:
+    from rich.table import Table
+
     for label, registry_kind in LIST_KINDS.items():
         if kind is not None and label != kind:
             continue
@@ -208,6 +217,7 @@ def _fitted_merge(console: Console, args: argparse.Namespace, config: MergeConfi
 
 
 def _merge(console: Console, args: argparse.Namespace) -> int:
+    from manytask import merge
     from manytask.merge.fitted.from_config import is_fitted
 
     config = merge.load_merge_config(args.config, args.overrides)
@@ -223,17 +233,26 @@ def _merge(console: Console, args: argparse.Namespace) -> int:
         plan = merge.plan(**config.merge_kwargs())
         console.print(plan.to_text(), highlight=False, soft_wrap=True)
         return 0
-    with Progress(transient=True, disable=args.quiet) as progress:
-        bar = progress.add_task(f"merging with {config.rule}", total=None)
+    with contextlib.ExitStack() as shown:
+        on_tensor = None
+        if not args.quiet:  # rich's progress bar is imported only to be shown
+            from rich.progress import Progress
+
+            progress = shown.enter_context(Progress(transient=True))
+            bar = progress.add_task(f"merging with {config.rule}", total=None)
+
+            def on_tensor(done: int, total: int) -> None:
+                progress.update(bar, completed=done, total=total)
+
         try:
             result = merge.merge(
                 **config.merge_kwargs(),
                 overwrite=args.overwrite,
-                on_tensor=lambda done, total: progress.update(bar, completed=done, total=total),
+                on_tensor=on_tensor,
                 config=config.to_dict(),
             )
         except KeyboardInterrupt:
-            progress.stop()
+            shown.close()  # the bar goes before the message
             print("interrupted; no output was written", file=sys.stderr)
             return 130
     summary = result.summary
@@ -283,6 +302,8 @@ def _run(argv: Sequence[str] | None) -> int:
             return 0
         if args.overwrite and args.resume:
             raise ManytaskError("--overwrite and --resume exclude each other; choose one")
+        from manytask.config import load_config
+
         config = load_config(args.config, args.overrides)
         progress = False if args.quiet else None
         if args.command == "group":

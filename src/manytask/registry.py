@@ -1,18 +1,22 @@
 """One registry of named components: balancers, architectures, encoders, datasets, metrics.
 
 The CLI, configs, docs and ``manytask list`` all read this one source of truth. Components
-register themselves with :func:`register` when their module is imported.
+register themselves with :func:`register` when their module is imported; a look-up first
+imports the modules that register its kind (:data:`PROVIDERS`), so that a name resolves
+whichever parts of manytask the caller has imported (the package imports its parts only when
+they are used, so that ``manytask merge`` never loads the training stack).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from manytask.config import validate_params
 from manytask.errors import UnknownNameError
+from manytask.validation import validate_params
 
 KINDS = (
     "balancer",
@@ -24,6 +28,18 @@ KINDS = (
     "adapter",
     "sampler",
 )
+
+#: the modules whose import registers each kind's components
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "balancer": ("manytask.balance",),
+    "architecture": ("manytask.nn",),
+    "encoder": ("manytask.nn",),
+    "dataset": ("manytask.data",),
+    "metric": ("manytask.evaluate.metrics",),
+    "merge_rule": ("manytask.merge.methods", "manytask.merge.fitted"),
+    "adapter": ("manytask.adapters",),
+    "sampler": ("manytask.data",),
+}
 
 T = TypeVar("T")
 
@@ -61,11 +77,19 @@ def register(kind: str, name: str, summary: str | None = None) -> Callable[[T], 
     return decorate
 
 
-def get(kind: str, name: str) -> Any:
-    """Return the object registered as ``kind``/``name``; an unknown name lists the choices."""
+def _table(kind: str) -> dict[str, Entry]:
+    """The entries of ``kind``, once the modules that register them are imported."""
     table = _REGISTRY.get(kind)
     if table is None:
         raise ValueError(f"unknown registry kind '{kind}'; valid kinds: {', '.join(KINDS)}")
+    for module in PROVIDERS[kind]:
+        importlib.import_module(module)  # a dictionary look-up once imported
+    return table
+
+
+def get(kind: str, name: str) -> Any:
+    """Return the object registered as ``kind``/``name``; an unknown name lists the choices."""
+    table = _table(kind)
     if name not in table:
         raise UnknownNameError(kind, name, table)
     return table[name].obj
@@ -73,11 +97,12 @@ def get(kind: str, name: str) -> Any:
 
 def entries(kind: str) -> list[Entry]:
     """All entries of one kind, sorted by name."""
-    return [_REGISTRY[kind][name] for name in sorted(_REGISTRY[kind])]
+    table = _table(kind)
+    return [table[name] for name in sorted(table)]
 
 
 def names(kind: str) -> list[str]:
-    return sorted(_REGISTRY[kind])
+    return sorted(_table(kind))
 
 
 def call_with_params(kind: str, name: str, params: Mapping[str, Any], /, **context: Any) -> Any:

@@ -21,8 +21,8 @@ from manytask.balance.base import (
     LossWeighting,
     Need,
 )
-from manytask.config import validate_params
 from manytask.errors import ConfigError
+from manytask.validation import validate_params
 
 for _package in ("manytask.balance.weighting", "manytask.balance.aggregation"):
     for _module in pkgutil.iter_modules(importlib.import_module(_package).__path__):

@@ -46,11 +46,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from manytask import registry
 from manytask.columns import Columns
-from manytask.config import format_validation_error
 from manytask.data.batch import TensorMultiTaskDataset
 from manytask.data.bundle import DatasetBundle
 from manytask.errors import ConfigError, DataError
 from manytask.task import Task, TaskSet
+from manytask.validation import format_validation_error
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from manytask.config import StrictModel, apply_overrides, format_validation_error, read_yaml
 from manytask.errors import ConfigError
 from manytask.merge.io import default_model_name
+from manytask.validation import StrictModel, apply_overrides, format_validation_error, read_yaml
 
 #: the default shard limit of transformers' ``PreTrainedModel.save_pretrained`` ("5GB")
 DEFAULT_MAX_SHARD_SIZE = "5GB"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from manytask import balance, distributed, registry
-from manytask.config import ComponentConfig, Config, SchedulerConfig, TaskConfig, validate_params
+from manytask.config import ComponentConfig, Config, SchedulerConfig, TaskConfig
 from manytask.data.bundle import DatasetBundle
 from manytask.errors import ConfigError, UnknownNameError
 from manytask.nn.base import MultiTaskModel
@@ -21,6 +21,7 @@ from manytask.train.affinity import AffinityMonitor
 from manytask.train.loggers import build_sinks
 from manytask.train.rundir import RunDirectory
 from manytask.train.trainer import EarlyStopping, Trainer
+from manytask.validation import validate_params
 
 
 def seed_everything(seed: int) -> None:
