@@ -511,10 +511,8 @@ def test_inputs_that_do_not_fit_are_config_errors_that_say_what_is_wrong():
         RegMean().fit(lambda task: None, s.models, s.data)
     with pytest.raises(ConfigError, match="does not use a base"):
         FisherMerging().fit(s.factory, s.models, s.data, base=s.base)
-    with pytest.raises(ConfigError, match="computes no statistics to cache"):
-        RepresentationSurgery(merge="task_arithmetic").fit(
-            s.factory, s.models, s.data, base=s.base, cache="somewhere"
-        )
+    with pytest.raises(ConfigError, match="base is only for the rule named by merge"):
+        RepresentationSurgery().fit(s.factory, s.models, s.data, base=s.base, merged=s.base)
     with pytest.raises(DataError, match="holds no example"):
         RegMean().fit(s.factory, s.models, [[], []])
 

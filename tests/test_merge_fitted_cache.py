@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from manytask.errors import ConfigError
-from manytask.merge.fitted import FisherMerging, LayerWiseAdaMerging, RegMean, TaskWiseAdaMerging
+from manytask.merge.fitted import (
+    FisherMerging,
+    LayerWiseAdaMerging,
+    RegMean,
+    RepresentationSurgery,
+    TaskWiseAdaMerging,
+)
 from manytask.merge.fitted.statistics import StatisticsRule
 from tests.merge_fitted_models import Net, setup
 
@@ -168,5 +174,75 @@ def test_adamerging_refuses_one_shot_data_with_a_cache(tmp_path):
     s = setup()
     with pytest.raises(ConfigError, match="one-shot iterators"):
         TaskWiseAdaMerging(steps=2).fit(
+            s.factory, s.models, [iter(d) for d in s.data], base=s.base, cache=tmp_path
+        )
+
+
+def test_surgery_reuses_its_trained_modules_until_an_input_or_setting_changes(tmp_path):
+    s = setup()
+    merged = {k: s.base[k] + 0.3 * sum(m[k] - s.base[k] for m in s.models) for k in s.base}
+
+    def fit(merged=merged, **settings):
+        Net.calls = 0
+        rule = RepresentationSurgery(**{"steps": 4, "rank": 3, "lr": 0.05, **settings})
+        model = rule.fit(s.factory, s.models, s.data, cache=tmp_path, merged=merged)
+        return model, Net.calls, rule.summary()
+
+    first, calls, summary = fit()
+    assert calls > 0 and len(summary["l1_last_step"]) == 2
+    second, calls, again = fit()
+    assert calls == 0  # no forward pass: the modules come from the cache
+    assert again == summary
+    uncached = RepresentationSurgery(steps=4, rank=3, lr=0.05).fit(
+        s.factory, s.models, s.data, merged=merged
+    )
+    for model in (second, uncached):
+        for task in range(2):
+            for name, value in first.surgery[task].state_dict().items():
+                assert torch.equal(model.surgery[task].state_dict()[name], value)
+    x = s.data[1][0]
+    assert torch.equal(first(x, task=1), second(x, task=1))
+    for changed in ({"rank": 2}, {"steps": 3}, {"lr": 0.01}):
+        _, calls, _ = fit(**changed)
+        assert calls > 0, changed
+    _, calls, _ = fit(merged={k: v + 0.1 for k, v in merged.items()})
+    assert calls > 0  # another merged model
+    s.data[0][0] = s.data[0][0] + 1.0
+    _, calls, _ = fit()
+    assert calls > 0  # other data
+    manifests = sorted((tmp_path / "surgery").glob("*.json"))
+    assert len(manifests) == 6
+    entry = json.loads(manifests[0].read_text())
+    assert set(entry["tensors"]) == {"0.down", "0.up", "1.down", "1.up"}
+    assert entry["fields"]["settings"]["head"] == "head"
+
+
+def test_surgery_passes_its_cache_to_the_fitted_rule_that_merges(tmp_path):
+    s = setup()
+
+    def fit():
+        Net.calls = 0
+        rule = RepresentationSurgery(
+            steps=2, rank=3, merge="adamerging_task", merge_params={"steps": 3}
+        )
+        model = rule.fit(s.factory, s.models, s.data, base=s.base, cache=tmp_path)
+        return model, Net.calls
+
+    first, calls = fit()
+    assert calls > 0
+    second, calls = fit()
+    assert calls == 0  # neither AdaMerging nor the surgery runs the model
+    assert all(torch.equal(first.merged[k], second.merged[k]) for k in first.merged)
+    assert len(list((tmp_path / "adamerging_task").glob("*.json"))) == 1
+    assert len(list((tmp_path / "surgery").glob("*.json"))) == 1
+    data_free = RepresentationSurgery(steps=2, rank=3, merge="task_arithmetic")
+    data_free.fit(s.factory, s.models, s.data, base=s.base, cache=tmp_path)
+    assert len(list((tmp_path / "surgery").glob("*.json"))) == 2
+
+
+def test_surgery_refuses_one_shot_data_with_a_cache(tmp_path):
+    s = setup()
+    with pytest.raises(ConfigError, match="one-shot iterators"):
+        RepresentationSurgery(steps=2, merge="task_arithmetic").fit(
             s.factory, s.models, [iter(d) for d in s.data], base=s.base, cache=tmp_path
         )

@@ -261,6 +261,6 @@ class FittedRule:
         if cache is not None and not self.caches_statistics:
             raise ConfigError(
                 f"{self.name}: computes no statistics to cache; drop cache=... "
-                "(fisher, regmean and adamerging cache theirs)"
+                "(fisher, regmean, adamerging and surgery cache theirs)"
             )
         return Experts(self.name, factory, models, data, base)

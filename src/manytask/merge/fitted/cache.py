@@ -1,7 +1,8 @@
 """A cache of the statistics fitted rules compute (Fisher diagonals, RegMean Gram matrices,
-AdaMerging's coefficients).
+AdaMerging's coefficients, Representation Surgery's trained modules).
 
-One entry per (rule, task model, data) — for AdaMerging, per (rule, base and task models, data):
+One entry per (rule, task model, data) — for AdaMerging, per (rule, base and task models, data),
+for Surgery per (rule, merged and task models, data):
 a ``.safetensors`` file of tensors and a JSON manifest,
 under ``<cache>/<rule>/<key>.{safetensors,json}``. The key is the SHA-256 of the manifest's
 ``fields``: the rule and the version of its statistic, the settings the statistic depends on

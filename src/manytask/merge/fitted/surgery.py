@@ -28,6 +28,11 @@ same factory, models, data, ``base``, ``cache`` and ``seed``; a data-free rule (
 ``task_arithmetic`` …) merges ``base`` and ``models`` in memory
 (:func:`manytask.merge.engine.merge_state_dicts`, with ``seed``).
 
+With ``cache=FOLDER`` the trained modules (and the L1 loss of the first and last step) are
+stored by :mod:`manytask.merge.fitted.cache`, keyed by the settings (``rank``, ``steps``, ``lr``,
+the head, ``seed``), the architecture, the merged and every task model's tensors, and every batch
+the steps read; a fitted rule named by ``merge`` caches its own statistics in the same folder.
+
 Defaults (the authors' code, github.com/EnnengYang/RepresentationSurgery, ``src/merging_model.py``
 and ``src/main_TaskArithmetic_with_surgery.py``): ``rank = 16`` (``Linear(512, 16)``), ``lr =
 1e-3`` with Adam's betas (0.9, 0.999), L1 loss (``torch.nn.L1Loss``), ``steps = 1000`` updates
@@ -37,7 +42,7 @@ per task (500 iterations of two batches each).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,7 +53,8 @@ from manytask import registry
 from manytask.errors import ConfigError
 from manytask.merge.engine import merge_state_dicts
 from manytask.merge.fitted.base import Experts, Factory, FittedRule, StateDict, module_device
-from manytask.merge.fitted.batches import Inputs, cycle
+from manytask.merge.fitted.batches import Inputs, cycle, is_one_shot
+from manytask.merge.fitted.cache import Digest, Statistics, StatisticsCache, cached
 
 
 class SurgeryModule(nn.Module):
@@ -150,6 +156,18 @@ def resolve_head(module: nn.Module, head: str | None) -> str:
     return head
 
 
+def _fingerprint(module: nn.Module, merged: StateDict, models: Sequence[StateDict]) -> str:
+    """The architecture (class and ``repr``), the merged tensors and every task model's tensors:
+    what the trained surgery depends on besides the data and the settings."""
+    digest = Digest()
+    digest.text(f"{type(module).__module__}.{type(module).__qualname__}")
+    digest.text(repr(module))
+    for label, state in [("merged", merged)] + [(f"model{i}", m) for i, m in enumerate(models)]:
+        for name, tensor in state.items():
+            digest.tensor(f"{label}/{name}", tensor)
+    return digest.hexdigest()
+
+
 @registry.register(
     "merge_rule", "surgery", "Representation Surgery (Yang et al., ICML 2024, arXiv:2402.02705)"
 )
@@ -168,6 +186,9 @@ class RepresentationSurgery(FittedRule):
     """
 
     name: ClassVar[str] = "surgery"
+    caches_statistics: ClassVar[bool] = True
+    #: the version of the training procedure, part of the cache key: bump it when it changes
+    statistic_version: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -207,8 +228,14 @@ class RepresentationSurgery(FittedRule):
         merged: StateDict | None = None,
     ) -> SurgeryModel:
         """Train the surgery of every task; ``merged`` is the merged state dict (else the rule
-        named by ``merge`` computes it from the same arguments)."""
+        named by ``merge`` computes it from the same arguments). With ``cache`` the trained
+        modules are stored (and a fitted rule named by ``merge`` caches its own statistics)."""
         experts = self.experts(factory, models, data, None, None)
+        if cache is not None and any(is_one_shot(d) for d in experts.data):
+            raise ConfigError(
+                "surgery: with a cache the data are read twice (once to fingerprint them); "
+                "pass lists of batches or DataLoaders, not one-shot iterators"
+            )
         merged = self._merged(experts, base, cache, seed, merged)
         if set(merged) != set(experts.keys):
             raise ConfigError(
@@ -223,8 +250,66 @@ class RepresentationSurgery(FittedRule):
         shared = {k: merged[k].to(device, own[k].dtype) for k in experts.keys}
         modules = experts.build_shared(shared, first)
         targets = [{k: m[k].to(device, own[k].dtype) for k in experts.keys} for m in experts.models]
-        streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
-        pending = [next(s).to(device) for s in streams]
+        store = None if cache is None else StatisticsCache(cache, self.name)
+        inputs_print = "" if store is None else _fingerprint(first, shared, experts.models)
+
+        def read() -> Iterator[Inputs]:  # one batch of every task per step (at least one)
+            streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
+            for _ in range(max(self.steps, 1)):
+                for stream in streams:
+                    yield next(stream)
+
+        def train(batches: Iterator[Inputs]) -> Statistics:
+            fixes = self._train(modules, targets, head, batches, device, seed)
+            tensors = {
+                f"{task}.{name}": value.detach().cpu()
+                for task, fix in enumerate(fixes)
+                for name, value in fix.state_dict().items()
+            }
+            return Statistics(tensors, dict(self.losses))
+
+        settings = {
+            "rank": self.rank,
+            "steps": self.steps,
+            "lr": self.lr,
+            "head": head,
+            "seed": seed,
+        }
+        stats = cached(
+            store,
+            lambda digest: {
+                "rule": self.name,
+                "statistic": self.statistic_version,
+                "settings": settings,
+                "models": inputs_print,
+                "data": digest.hexdigest(),
+                "examples": digest.count,
+            },
+            read,
+            train,
+            "surgery: the data",
+        )
+        fixes = []
+        for task in range(experts.count):
+            up = stats.tensors[f"{task}.up"]
+            fix = SurgeryModule(up.shape[0], self.rank, torch.Generator()).to(device)
+            fix.load_state_dict({n: stats.tensors[f"{task}.{n}"] for n in ("down", "up")})
+            fixes.append(fix)
+        self.losses = {k: [float(v) for v in stats.extra.get(k, [])] for k in ("first", "last")}
+        return SurgeryModel(modules, fixes, head, dict(merged))
+
+    def _train(
+        self,
+        modules: Sequence[nn.Module],
+        targets: Sequence[StateDict],
+        head: str,
+        batches: Iterator[Inputs],
+        device: torch.device,
+        seed: int,
+    ) -> list[SurgeryModule]:
+        """The trained surgery modules, one Adam step per task and step on ``batches`` (one
+        batch of every task per step, in task order); records :attr:`losses`."""
+        pending = [next(batches).to(device) for _ in modules]
         generator = torch.Generator().manual_seed(seed)
         fixes = []
         for task, inputs in enumerate(pending):
@@ -237,7 +322,7 @@ class RepresentationSurgery(FittedRule):
         last_loss: list[Tensor] = []
         for step in range(self.steps):
             for task, (module, fix) in enumerate(zip(modules, fixes, strict=True)):
-                inputs = pending[task] if step == 0 else next(streams[task]).to(device)
+                inputs = pending[task] if step == 0 else next(batches).to(device)
                 z = head_input(module, head, inputs)
                 target = head_input(module, head, inputs, targets[task])
                 loss = (fix(z).float() - target.float()).abs().mean()
@@ -253,7 +338,7 @@ class RepresentationSurgery(FittedRule):
             "first": [float(v) for v in first_loss],
             "last": [float(v) for v in last_loss],
         }
-        return SurgeryModel(modules, fixes, head, dict(merged))
+        return fixes
 
     def _merged(
         self,
@@ -270,10 +355,9 @@ class RepresentationSurgery(FittedRule):
                 raise ConfigError(
                     f"surgery: got both merged=... and merge={self.merge!r}; give one of them"
                 )
-            if base is not None or cache is not None:
+            if base is not None:
                 raise ConfigError(
-                    "surgery: base and cache are only for the rule named by merge; with "
-                    "merged=... drop them"
+                    "surgery: base is only for the rule named by merge; with merged=... drop it"
                 )
             return merged
         if self.merge is None:
@@ -285,11 +369,6 @@ class RepresentationSurgery(FittedRule):
         if rule is RepresentationSurgery:
             raise ConfigError("surgery: merge='surgery' would nest surgeries; name a merging rule")
         if not getattr(rule, "fitted", False):
-            if cache is not None:
-                raise ConfigError(
-                    f"surgery: merge={self.merge!r} is data-free and computes no statistics "
-                    "to cache; drop cache=..."
-                )
             return merge_state_dicts(
                 base, experts.models, self.merge, params=self.merge_params, seed=seed
             )
