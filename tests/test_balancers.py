@@ -14,6 +14,7 @@ from manytask.balance.weighting.dwa import DynamicWeightAverage
 from manytask.balance.weighting.rlw import RandomLossWeighting
 from manytask.balance.weighting.uw import UncertaintyWeighting
 from manytask.errors import ConfigError, UnknownNameError
+from tests.peers import libmtl_direction, manytask_direction, require
 
 G1 = torch.tensor([2.0, 1.0])
 G2 = torch.tensor([2.0, 0.0])
@@ -151,3 +152,22 @@ def test_misuse_is_an_error():
         mt.balance.get("dwa", tasks=["a"], temp=3)
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         mt.balance.get("dwa", tasks=["a"], temperature=0)
+
+
+def test_ew_and_uw_match_libmtl():
+    """LibMTL 1.1.5's ``EW`` (the sum) and ``UW`` (its log-variances start at −0.5; ours given the
+    same start), on random gradients and loss values, in float32."""
+    require("LibMTL")
+    gen = torch.Generator().manual_seed(0)
+    for t, p in [(2, 3), (3, 8), (5, 20)]:
+        jacobian = torch.randn(t, p, generator=gen, dtype=torch.float64)
+        values = torch.rand(t, generator=gen, dtype=torch.float64) + 0.1
+        scale = jacobian.norm(dim=1).max()
+        for ours, theirs in (
+            (manytask_direction("ew", jacobian, values), libmtl_direction("EW", jacobian, values)),
+            (
+                manytask_direction("uw", jacobian, values, init_log_var=-0.5),
+                libmtl_direction("UW", jacobian, values),
+            ),
+        ):
+            assert (ours - theirs.double()).abs().max() <= 1e-6 * scale
