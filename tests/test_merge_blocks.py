@@ -25,6 +25,7 @@ SMALL_BLOCKS = 512
 
 
 def checkpoints(tmp_path, dtype=torch.float32):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(3)
     paths = []
     for name in ("base", "a", "b"):
@@ -82,10 +83,30 @@ def test_blocks_shrink_the_planned_memory_and_the_buffers(tmp_path, monkeypatch)
     monkeypatch.setattr(engine, "_BLOCK_BYTES", SMALL_BLOCKS)
     blocked = plan(models, "task_arithmetic", base=base)
     assert whole.held_numel == 37 * 6 and whole.blocked_tensors == 0
-    # the largest blocks: 7 rows of "embed" and 42 of "dense.bias", 42 entries each
-    assert blocked.held_numel == 42 and blocked.read_buffer_bytes == 42 * 4
+    # the largest blocks: 7 rows of "embed" and 42 of "dense.bias", 42 entries each; float32
+    # inputs are read straight into the float32 workspace, so no byte buffer is needed
+    assert blocked.held_numel == 42 and blocked.read_buffer_bytes == 0
     assert blocked.peak_memory_bytes < whole.peak_memory_bytes
     assert "block of rows" in blocked.to_text()
+    base, models = checkpoints(tmp_path / "bf16", torch.bfloat16)
+    bf16 = plan(models, "task_arithmetic", base=base)
+    assert bf16.held_numel == 42 and bf16.read_buffer_bytes == 42 * 2  # read, then converted
+
+
+def test_float32_inputs_are_read_in_place_and_others_converted(tmp_path):
+    """The engine reads float32 tensors straight into its float32 workspace and converts the
+    others from a byte buffer; either way task arithmetic is θ₀ + λ Σ (θₜ − θ₀) in float32."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        folder = tmp_path / str(dtype).split(".")[-1]
+        base, models = checkpoints(folder, dtype)
+        merge(models, "task_arithmetic", base=base, output=folder / "out", params={"scale": 0.5})
+        theta, first, second = (read_all(path) for path in (base, *models))
+        for name, merged in read_all(folder / "out").items():
+            if name == "steps":
+                continue
+            b = theta[name].float()
+            expected = (first[name].float() - b).add_(second[name].float() - b).mul_(0.5).add_(b)
+            assert merged.dtype == dtype and torch.equal(merged, expected.to(dtype)), name
 
 
 def test_rules_that_rank_a_whole_tensor_are_never_blocked(tmp_path, monkeypatch):

@@ -73,9 +73,9 @@ def test_dry_run_prints_the_plan_and_memory_estimate_and_writes_nothing(setup, c
     out = capsys.readouterr().out
     assert "merge plan: rule 'shifted' over 2 task model(s)" in out
     assert "tensors: 3 (2 merged, 1 copied)" in out
-    # 3 inputs × the largest tensor (w: 2 elements) × 4 B + the read buffer (w as stored: 8 B)
-    # + the largest output tensor (w or n: 8 B) = 40 B
-    expected = "3 inputs × 2 × 4 B (float32) + read buffer 8 B + largest output tensor 8 B = 40 B"
+    # 3 inputs × the largest tensor (w: 2 elements) × 4 B + no read buffer (float32 tensors are
+    # read in place) + the largest output tensor (w or n: 8 B) = 32 B
+    expected = "3 inputs × 2 × 4 B (float32) + read buffer 0 B + largest output tensor 8 B = 32 B"
     assert f"peak memory estimate: {expected}" in out
     assert sorted(p.name for p in setup.parent.iterdir()) == before
 

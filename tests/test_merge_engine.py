@@ -399,14 +399,17 @@ def test_plan_counts_bytes_and_estimates_peak_memory_on_a_hand_made_example(tmp_
     assert (result.largest_tensor, result.largest_shape, result.largest_numel) == ("c", (3, 4), 12)
     assert [c.nbytes for c in result.checkpoints] == [24 + 16 + 48 + 16] * 3
     assert result.shard_bytes == [24 + 16, 48 + 16]  # greedy shards of at most 64 B
-    # 3 inputs × largest × 4 B + the read buffer (the largest stored float tensor) + the largest
-    # output tensor (the writer spools each to disk)
-    assert result.read_buffer_bytes == 48
-    assert result.peak_memory_bytes == 3 * 12 * 4 + 48 + 48
+    # 3 inputs × largest × 4 B + the read buffer (the largest float tensor stored in another
+    # dtype than float32: none here) + the largest output tensor (the writer spools each to disk)
+    assert result.read_buffer_bytes == 0
+    assert result.peak_memory_bytes == 3 * 12 * 4 + 0 + 48
+    halves = [{k: v.half() if v.is_floating_point() else v for k, v in m.items()} for m in models]
+    stored_half = plan(halves[1:], ScaledSum(), base=halves[0], max_shard_size=10**6)
+    assert stored_half.read_buffer_bytes == 12 * 2  # "c" as float16 stores it
     half = plan(models, ScaledSum(), base=base, dtype="float16", max_shard_size=10**6)
     assert half.output_bytes == (6 + 4 + 12) * 2 + 16 and half.shard_bytes == [60]
     no_base = plan(models, FirstModelMasked(), max_shard_size=10**6)
-    assert no_base.inputs_per_tensor == 2 and no_base.peak_memory_bytes == 2 * 48 + 48 + 48
+    assert no_base.inputs_per_tensor == 2 and no_base.peak_memory_bytes == 2 * 48 + 0 + 48
     assert "peak memory estimate: 3 inputs × 12 × 4 B" in result.to_text()
     assert not (tmp_path / "out").exists()
 

@@ -16,12 +16,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
 from manytask import __version__, distributed, registry
 from manytask.errors import ManytaskError, NonFiniteLossError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from manytask.config import Config
     from manytask.evaluate.leaderboard import Leaderboard
     from manytask.merge.config import MergeConfig
@@ -190,39 +190,40 @@ def _list(console: Console, kind: str | None) -> None:
         console.print(table)
 
 
-def _fitted_merge(console: Console, args: argparse.Namespace, config: MergeConfig) -> int:
+def _fitted_merge(args: argparse.Namespace, config: MergeConfig) -> int:
     from manytask.merge.fitted.from_config import build_fitted, fitted_merge
 
     if args.dry_run:
         build_fitted(config)  # the rule's parameters and the imports are checked
         assert config.fitted is not None
-        console.print(
+        print(
             f"fitted merge: rule '{config.rule}' over {len(config.models)} task model(s) "
             f"({', '.join(e.name for e in config.models)}), read whole; factory "
-            f"{config.fitted.factory}, data {config.fitted.data}; output {config.output_dir}",
-            highlight=False,
-            soft_wrap=True,
+            f"{config.fitted.factory}, data {config.fitted.data}; output {config.output_dir}"
         )
         return 0
-    waiting = console.status(f"fitting {config.rule}") if not args.quiet else None
-    with waiting if waiting is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as shown:
+        if not args.quiet:
+            from rich.console import Console
+
+            shown.enter_context(Console(stderr=True).status(f"fitting {config.rule}"))
         result = fitted_merge(config, overwrite=args.overwrite)
-    console.print(
+    print(
         f"merged {result.summary['tensors']} tensors ({result.summary['parameters']:,} "
-        f"parameters) with {config.rule} in {result.summary['seconds']:.1f} s",
-        highlight=False,
+        f"parameters) with {config.rule} in {result.summary['seconds']:.1f} s"
     )
-    console.print(f"output: {result.output}", highlight=False)
+    print(f"output: {result.output}")
     return 0
 
 
-def _merge(console: Console, args: argparse.Namespace) -> int:
+def _merge(args: argparse.Namespace) -> int:
+    """``manytask merge``: its results are plain lines on stdout (rich draws only the progress
+    bar, and is not imported with ``--quiet``)."""
     from manytask import merge
-    from manytask.merge.fitted.from_config import is_fitted
 
     config = merge.load_merge_config(args.config, args.overrides)
-    if is_fitted(config.rule):
-        return _fitted_merge(console, args, config)
+    if merge.is_fitted(config.rule):
+        return _fitted_merge(args, config)
     if config.fitted is not None:
         raise ManytaskError(
             f"the config has a 'fitted' section but rule '{config.rule}' is data-free; remove "
@@ -231,7 +232,7 @@ def _merge(console: Console, args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         plan = merge.plan(**config.merge_kwargs())
-        console.print(plan.to_text(), highlight=False, soft_wrap=True)
+        print(plan.to_text())
         return 0
     with contextlib.ExitStack() as shown:
         on_tensor = None
@@ -256,15 +257,12 @@ def _merge(console: Console, args: argparse.Namespace) -> int:
             print("interrupted; no output was written", file=sys.stderr)
             return 130
     summary = result.summary
-    console.print(
+    print(
         f"merged {summary['merged_tensors']} tensors ({summary['parameters']:,} parameters, "
         f"{summary['copied_tensors']} copied) with {summary['rule']} in "
-        f"{summary['seconds']['total_seconds']:.1f} s",
-        highlight=False,
+        f"{summary['seconds']['total_seconds']:.1f} s"
     )
-    console.print(
-        f"output: {result.output} (report: {result.output / 'report.md'})", highlight=False
-    )
+    print(f"output: {result.output} (report: {result.output / 'report.md'})")
     return 0
 
 
@@ -278,19 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    console = Console()
-    errors = Console(stderr=True, soft_wrap=True)
 
     def fail(message: str, status: int) -> int:
         print(f"error: {message}", file=sys.stderr)  # plain print: never wrapped or styled
         return status
 
     try:
+        if args.command == "merge":
+            return _merge(args)
+        from rich.console import Console
+
+        console = Console()
+        errors = Console(stderr=True, soft_wrap=True)
         if args.command == "list":
             _list(console, args.kind)
             return 0
-        if args.command == "merge":
-            return _merge(console, args)
         if args.command == "report":
             from manytask.evaluate.report import write_report
 
@@ -347,7 +347,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except ManytaskError as exc:
         return fail(str(exc), 2)
     except KeyboardInterrupt:
-        errors.print("interrupted; continue later with --resume", highlight=False)
+        print("interrupted; continue later with --resume", file=sys.stderr)
         return 130
 
 

@@ -1,10 +1,11 @@
 """One registry of named components: balancers, architectures, encoders, datasets, metrics.
 
 The CLI, configs, docs and ``manytask list`` all read this one source of truth. Components
-register themselves with :func:`register` when their module is imported; a look-up first
-imports the modules that register its kind (:data:`PROVIDERS`), so that a name resolves
-whichever parts of manytask the caller has imported (the package imports its parts only when
-they are used, so that ``manytask merge`` never loads the training stack).
+register themselves with :func:`register` when their module is imported; a look-up imports the
+modules that register its kind (:data:`PROVIDERS`) until the name is found, and a listing
+imports them all, so that a name resolves whichever parts of manytask the caller has imported
+(the package imports its parts only when they are used: ``manytask merge`` with a data-free
+rule never loads the training stack, nor the fitted rules).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ KINDS = (
     "sampler",
 )
 
-#: the modules whose import registers each kind's components
+#: the modules whose import registers each kind's components, in the order a look-up tries them
 PROVIDERS: dict[str, tuple[str, ...]] = {
     "balancer": ("manytask.balance",),
     "architecture": ("manytask.nn",),
@@ -77,11 +78,16 @@ def register(kind: str, name: str, summary: str | None = None) -> Callable[[T], 
     return decorate
 
 
-def _table(kind: str) -> dict[str, Entry]:
-    """The entries of ``kind``, once the modules that register them are imported."""
+def _kind(kind: str) -> dict[str, Entry]:
     table = _REGISTRY.get(kind)
     if table is None:
         raise ValueError(f"unknown registry kind '{kind}'; valid kinds: {', '.join(KINDS)}")
+    return table
+
+
+def _table(kind: str) -> dict[str, Entry]:
+    """All the entries of ``kind``, once every module that registers them is imported."""
+    table = _kind(kind)
     for module in PROVIDERS[kind]:
         importlib.import_module(module)  # a dictionary look-up once imported
     return table
@@ -89,7 +95,11 @@ def _table(kind: str) -> dict[str, Entry]:
 
 def get(kind: str, name: str) -> Any:
     """Return the object registered as ``kind``/``name``; an unknown name lists the choices."""
-    table = _table(kind)
+    table = _kind(kind)
+    for module in PROVIDERS[kind]:
+        if name in table:
+            break
+        importlib.import_module(module)
     if name not in table:
         raise UnknownNameError(kind, name, table)
     return table[name].obj

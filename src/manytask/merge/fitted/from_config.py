@@ -29,11 +29,6 @@ from manytask.merge.fitted.surgery import RepresentationSurgery
 from manytask.merge.io import ShardWriter, check_output_free, open_checkpoint, staged_directory
 
 
-def is_fitted(rule: str) -> bool:
-    """Whether the registered merge rule ``rule`` needs data (``fitted = True``)."""
-    return bool(getattr(registry.get("merge_rule", rule), "fitted", False))
-
-
 def resolve_callable(spec: str, key: str) -> Callable[..., Any]:
     """The function that ``module:function`` (``function`` may be dotted) names."""
     module_name, colon, attribute = spec.partition(":")
