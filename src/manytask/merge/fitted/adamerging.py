@@ -43,12 +43,18 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from manytask.errors import ConfigError
 from manytask.merge.fitted.base import Experts, FittedRule, logits_of, module_device
-from manytask.merge.fitted.batches import Inputs, cycle, is_one_shot
-from manytask.merge.fitted.cache import Digest, Statistics, StatisticsCache, cached
+from manytask.merge.fitted.batches import Inputs, cycle
+from manytask.merge.fitted.cache import (
+    Statistics,
+    StatisticsCache,
+    cached,
+    check_rereadable,
+    states_fingerprint,
+)
 from manytask.registry import register
 
 
@@ -107,12 +113,14 @@ class AdaMerging(FittedRule):
             for k in keys
         }
         store = None if cache is None else StatisticsCache(cache, self.name)
-        if store is not None and any(is_one_shot(d) for d in experts.data):
-            raise ConfigError(
-                f"{self.name}: with a cache the data are read twice (once to fingerprint "
-                "them); pass lists of batches or DataLoaders, not one-shot iterators"
-            )
-        models = "" if store is None else self._fingerprint(experts, first)
+        if store is not None:
+            for source in experts.data:
+                check_rereadable(source, self.name)
+        labelled = [
+            ("base", experts.base),
+            *((f"model{i}", m) for i, m in enumerate(experts.models)),
+        ]
+        models = "" if store is None else states_fingerprint(first, labelled)
 
         def read() -> Iterator[Inputs]:  # one batch of every task per step, in step order
             streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
@@ -166,20 +174,6 @@ class AdaMerging(FittedRule):
             )
             for k in experts.keys
         }
-
-    def _fingerprint(self, experts: Experts, module: nn.Module) -> str:
-        """The base's and every task model's tensors, and the architecture (class and ``repr``)
-        the factory builds: what the coefficients depend on besides the data and settings."""
-        digest = Digest()
-        digest.text(f"{type(module).__module__}.{type(module).__qualname__}")
-        digest.text(repr(module))
-        assert experts.base is not None
-        for label, state in [("base", experts.base)] + [
-            (f"model{i}", m) for i, m in enumerate(experts.models)
-        ]:
-            for name, tensor in state.items():
-                digest.tensor(f"{label}/{name}", tensor)
-        return digest.hexdigest()
 
     def _merge(
         self,

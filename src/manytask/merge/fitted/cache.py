@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from manytask.atomic import write_json, write_with
-from manytask.merge.fitted.batches import Inputs
+from manytask.errors import ConfigError
+from manytask.merge.fitted.batches import Inputs, is_one_shot
 
 FORMAT = "manytask-fitted-statistics/1"
 
@@ -66,6 +67,31 @@ def module_fingerprint(module: nn.Module) -> str:
     digest.text(repr(module))
     for name, tensor in module.state_dict().items():
         digest.tensor(name, tensor)
+    return digest.hexdigest()
+
+
+def check_rereadable(data: Iterable[Any], rule: str, which: str = "the data") -> None:
+    """With a cache the data are read twice (once to fingerprint them, :func:`cached`): a
+    one-shot iterator is refused with a :class:`ConfigError`."""
+    if is_one_shot(data):
+        raise ConfigError(
+            f"{rule}: with a cache {which} are read twice (once to fingerprint them); pass "
+            "lists of batches or DataLoaders, not one-shot iterators"
+        )
+
+
+def states_fingerprint(
+    module: nn.Module, states: Iterable[tuple[str, Mapping[str, Tensor]]]
+) -> str:
+    """Fingerprint of an architecture (the class and ``repr`` of ``module``) and of labelled
+    state dicts (``label/name`` and every tensor): what a rule fitted on several models (its
+    base, task models or merged model) depends on besides its data and settings."""
+    digest = Digest()
+    digest.text(f"{type(module).__module__}.{type(module).__qualname__}")
+    digest.text(repr(module))
+    for label, state in states:
+        for name, tensor in state.items():
+            digest.tensor(f"{label}/{name}", tensor)
     return digest.hexdigest()
 
 

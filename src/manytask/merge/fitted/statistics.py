@@ -21,12 +21,13 @@ from torch import nn
 
 from manytask.errors import ConfigError
 from manytask.merge.fitted.base import Experts, FittedRule
-from manytask.merge.fitted.batches import Inputs, is_one_shot, take
+from manytask.merge.fitted.batches import Inputs, take
 from manytask.merge.fitted.cache import (
     DataDigest,
     Statistics,
     StatisticsCache,
     cached,
+    check_rereadable,
     module_fingerprint,
 )
 
@@ -84,12 +85,8 @@ class StatisticsRule(FittedRule, ABC):
         module = experts.build(task)
         data = experts.data[task]
         model = "" if store is None else module_fingerprint(module)
-        if store is not None and is_one_shot(data):
-            raise ConfigError(
-                f"{self.name}: with a cache the data of task {task} are read twice (once to "
-                "fingerprint them); pass a list of batches or a DataLoader, not a one-shot "
-                "iterator"
-            )
+        if store is not None:
+            check_rereadable(data, self.name, f"the data of task {task}")
 
         def compute(batches: Iterable[Inputs]) -> Statistics:
             generator = torch.Generator().manual_seed(seed)

@@ -53,8 +53,14 @@ from manytask import registry
 from manytask.errors import ConfigError
 from manytask.merge.engine import merge_state_dicts
 from manytask.merge.fitted.base import Experts, Factory, FittedRule, StateDict, module_device
-from manytask.merge.fitted.batches import Inputs, cycle, is_one_shot
-from manytask.merge.fitted.cache import Digest, Statistics, StatisticsCache, cached
+from manytask.merge.fitted.batches import Inputs, cycle
+from manytask.merge.fitted.cache import (
+    Statistics,
+    StatisticsCache,
+    cached,
+    check_rereadable,
+    states_fingerprint,
+)
 
 
 class SurgeryModule(nn.Module):
@@ -156,18 +162,6 @@ def resolve_head(module: nn.Module, head: str | None) -> str:
     return head
 
 
-def _fingerprint(module: nn.Module, merged: StateDict, models: Sequence[StateDict]) -> str:
-    """The architecture (class and ``repr``), the merged tensors and every task model's tensors:
-    what the trained surgery depends on besides the data and the settings."""
-    digest = Digest()
-    digest.text(f"{type(module).__module__}.{type(module).__qualname__}")
-    digest.text(repr(module))
-    for label, state in [("merged", merged)] + [(f"model{i}", m) for i, m in enumerate(models)]:
-        for name, tensor in state.items():
-            digest.tensor(f"{label}/{name}", tensor)
-    return digest.hexdigest()
-
-
 @registry.register(
     "merge_rule", "surgery", "Representation Surgery (Yang et al., ICML 2024, arXiv:2402.02705)"
 )
@@ -231,11 +225,9 @@ class RepresentationSurgery(FittedRule):
         named by ``merge`` computes it from the same arguments). With ``cache`` the trained
         modules are stored (and a fitted rule named by ``merge`` caches its own statistics)."""
         experts = self.experts(factory, models, data, None, None)
-        if cache is not None and any(is_one_shot(d) for d in experts.data):
-            raise ConfigError(
-                "surgery: with a cache the data are read twice (once to fingerprint them); "
-                "pass lists of batches or DataLoaders, not one-shot iterators"
-            )
+        if cache is not None:
+            for source in experts.data:
+                check_rereadable(source, self.name)
         merged = self._merged(experts, base, cache, seed, merged)
         if set(merged) != set(experts.keys):
             raise ConfigError(
@@ -251,7 +243,8 @@ class RepresentationSurgery(FittedRule):
         modules = experts.build_shared(shared, first)
         targets = [{k: m[k].to(device, own[k].dtype) for k in experts.keys} for m in experts.models]
         store = None if cache is None else StatisticsCache(cache, self.name)
-        inputs_print = "" if store is None else _fingerprint(first, shared, experts.models)
+        labelled = [("merged", shared), *((f"model{i}", m) for i, m in enumerate(experts.models))]
+        inputs_print = "" if store is None else states_fingerprint(first, labelled)
 
         def read() -> Iterator[Inputs]:  # one batch of every task per step (at least one)
             streams = [cycle(d, self.name, i) for i, d in enumerate(experts.data)]
