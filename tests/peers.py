@@ -65,29 +65,35 @@ def linear_losses(jacobian: Tensor, values: Tensor) -> tuple[nn.Parameter, list[
 def manytask_direction(name: str, jacobian: Tensor, values: Tensor, **params: Any) -> Tensor:
     """manytask's direction for ``jacobian`` through the full ``backward()`` path."""
     tasks = [f"t{i}" for i in range(jacobian.shape[0])]
-    balancer = mt.balance.get(name, tasks, **params)
+    return manytask_step(mt.balance.get(name, tasks, **params), jacobian, values)
+
+
+def manytask_step(balancer: Any, jacobian: Tensor, values: Tensor) -> Tensor:
+    """The direction of one ``backward()`` of ``balancer`` (tasks ``t0, t1, …``) on ``J``."""
     w, losses = linear_losses(jacobian, values)
-    balancer.backward(dict(zip(tasks, losses, strict=True)), shared=[w])
+    balancer.backward({f"t{i}": loss for i, loss in enumerate(losses)}, shared=[w])
     assert w.grad is not None
     return w.grad.detach().clone()
 
 
-def libmtl_direction(method: str, jacobian: Tensor, values: Tensor, **kwargs: Any) -> Tensor:
-    """LibMTL's direction: its weighting class ``method`` (e.g. ``"MGDA"``) on the same input."""
+def libmtl_weighting(method: str, tasks: int, size: int) -> Any:
+    """An instance of LibMTL's weighting class ``method`` (e.g. ``"MGDA"``) for ``tasks`` tasks
+    sharing one parameter ``W`` of ``size`` zeros, set up as LibMTL's trainer sets it up (epoch
+    0; a caller may set ``epoch`` and ``train_loss_buffer``, as the trainer does between
+    epochs). :func:`libmtl_step` runs it."""
     require("LibMTL")
     module = importlib.import_module(f"LibMTL.weighting.{method}")
     cls = getattr(module, method)
-    t, p = jacobian.shape
 
     class Harness(cls):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__()
-            self.task_num = t
-            self.task_name = [f"t{i}" for i in range(t)]
+            self.task_num = tasks
+            self.task_name = [f"t{i}" for i in range(tasks)]
             self.device = torch.device("cpu")
             self.rep_grad = False
             self.epoch = 0
-            self.W = nn.Parameter(torch.zeros(p))
+            self.W = nn.Parameter(torch.zeros(size))
 
         def get_share_params(self) -> Any:
             return [self.W]
@@ -98,11 +104,23 @@ def libmtl_direction(method: str, jacobian: Tensor, values: Tensor, **kwargs: An
 
     harness = Harness()
     harness.init_param()
+    return harness
+
+
+def libmtl_step(harness: Any, jacobian: Tensor, values: Tensor, **kwargs: Any) -> Tensor:
+    """The direction of one ``backward`` of a :func:`libmtl_weighting` instance on ``J``."""
     w = harness.W
-    losses = [(jacobian[i].float() * w).sum() + values[i].float() for i in range(t)]
+    w.grad = None
+    losses = [(jacobian[i].float() * w).sum() + values[i].float() for i in range(len(jacobian))]
     harness.backward(torch.stack(losses), **kwargs)
     assert w.grad is not None
     return w.grad.detach().clone()
+
+
+def libmtl_direction(method: str, jacobian: Tensor, values: Tensor, **kwargs: Any) -> Tensor:
+    """LibMTL's direction: its weighting class ``method`` (e.g. ``"MGDA"``) on the same input."""
+    harness = libmtl_weighting(method, *jacobian.shape)
+    return libmtl_step(harness, jacobian, values, **kwargs)
 
 
 def torchjd_direction(aggregator: Any, jacobian: Tensor) -> Tensor:

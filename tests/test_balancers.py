@@ -14,7 +14,7 @@ from manytask.balance.weighting.dwa import DynamicWeightAverage
 from manytask.balance.weighting.rlw import RandomLossWeighting
 from manytask.balance.weighting.uw import UncertaintyWeighting
 from manytask.errors import ConfigError, UnknownNameError
-from tests.peers import libmtl_direction, manytask_direction, require
+from tests.peers import libmtl_direction, manytask_direction, require, torchjd_direction
 
 G1 = torch.tensor([2.0, 1.0])
 G2 = torch.tensor([2.0, 0.0])
@@ -171,3 +171,14 @@ def test_ew_and_uw_match_libmtl():
             ),
         ):
             assert (ours - theirs.double()).abs().max() <= 1e-6 * scale
+
+
+def test_sum_matches_torchjd_sum():
+    """``sum`` (an alias of ``ew``) against torchjd's ``Sum`` aggregator on random Jacobians."""
+    aggregation = require("torchjd.aggregation")
+    gen = torch.Generator().manual_seed(5)
+    for t, p in [(2, 3), (6, 10)]:
+        jacobian = torch.randn(t, p, generator=gen)
+        values = torch.rand(t, generator=gen) + 0.1
+        expected = torchjd_direction(aggregation.Sum(), jacobian)
+        assert torch.allclose(manytask_direction("sum", jacobian, values), expected, atol=1e-6)
