@@ -139,13 +139,29 @@ def build(
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
+class EngineFloor(GramianWeighting):
+    """Unit weights: feature mode's own cost with no method's arithmetic — the per-task
+    gradients of the representation gathered in one backward pass, their Gramian and its
+    statistics, and ``Jᵀw`` into the encoder. Every Gramian method pays this, then its rule."""
+
+    def weights(self, gramian: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+
+FLOOR = "(engine floor)"  # the row of EngineFloor in the results
+
+
 def manytask_step(name: str, tasks: int, mode: str, model: str) -> Callable[[], None]:
     bench = Bench(tasks, model)
     names = [f"t{i}" for i in range(tasks)]
     options: dict[str, Any] = {"mode": mode} if mode == "features" else {}
     if name == "constant":
         options["weights"] = [1.0] * tasks
-    balancer = mt.balance.get(name, names, **options)
+    balancer = (
+        EngineFloor(names).configure(mode="features")  # timed in feature mode only
+        if name == FLOOR
+        else mt.balance.get(name, names, **options)
+    )
     optimizer = torch.optim.SGD([*bench.params, *balancer.parameters()], lr=1e-3)
     shared = list(bench.encoder.parameters())
 
@@ -318,21 +334,24 @@ def main() -> None:
     )
     sizes = [int(k) for k in args.tasks.split(",")]
     modes = args.modes.split(",")
+    if "features" in modes:
+        names.append(FLOOR)
     rows: list[dict[str, Any]] = []
     for k in sizes:
         for name in names:
-            gradient = name in registry.names("balancer") and not issubclass(
-                registry.get("balancer", name), mt.balance.LossWeighting
+            gradient = name == FLOOR or (
+                name in registry.names("balancer")
+                and not issubclass(registry.get("balancer", name), mt.balance.LossWeighting)
             )
             row: dict[str, Any] = {"method": name, "tasks": k}
             makers: dict[str, Callable[[], Callable[[], None] | None]] = {
                 "ew": lambda: manytask_step("ew", k, "parameters", args.model),  # noqa: B023
             }
-            if "parameters" in modes:
+            if "parameters" in modes and name != FLOOR:
                 makers["ours"] = lambda: manytask_step(name, k, "parameters", args.model)  # noqa: B023
             if gradient and "features" in modes:  # a method that refuses feature mode says why
                 makers["ours_features"] = lambda: manytask_step(name, k, "features", args.model)  # noqa: B023
-            if args.peers:
+            if args.peers and name != FLOOR:
                 makers["libmtl"] = lambda: libmtl_step(name, k, args.model)  # noqa: B023
                 makers["torchjd"] = lambda: torchjd_step(name, k, args.model)  # noqa: B023
             steps: dict[str, Callable[[], None]] = {}
