@@ -32,10 +32,10 @@ and each answer is kept only with a KKT certificate to ``1e-12``. The problems i
 (a singular ``A`` on a support, from rank-deficient Gramians or duplicate tasks) go to the
 interior point, which on a CPU also tries, every few iterations, the support its iterates point
 to (a crossover). On 40 conflicting tasks this takes the projections of UPGrad from 9.4 ms to
-0.8 ms on a 2-core CPU. With at most 3 tasks the pivoting is replaced by trying every support
-in numpy (:func:`_enumerated`: at most 4 or 8 small solves, under the same certificate): with
-two tasks UPGrad's weights take 0.13 instead of 0.15 ms, DualProj's 0.06 instead of 0.15 ms, on
-the Gramian of a step of ``benchmarks/balance_speed.py``.
+0.8 ms on a 2-core CPU. With at most 7 tasks the pivoting is replaced by trying every support
+in numpy (:func:`_enumerated`: all ``2^T`` systems in one batched solve, under the same
+certificate), and :func:`dual_cone_weights` then runs in numpy from the Gramian to the weights:
+with two tasks UPGrad's weights take 0.06 instead of 0.13 ms, with five 0.08 instead of 0.30 ms.
 
 :func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
 (Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
@@ -44,11 +44,14 @@ the Gramian of a step of ``benchmarks/balance_speed.py``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.precision import rounding_shift
 
 #: relative regularisation of the Newton systems (keeps them positive definite when ``A`` is
@@ -71,10 +74,11 @@ _PIVOT_CHANCES = 3
 #: on a CPU the interior point tries the support its iterates point to every this many
 #: iterations (a try costs about one iteration; most supports are found after 8 to 12)
 _CROSSOVER_EVERY = 4
-#: on a CPU, problems with at most this many variables try every support (:func:`_enumerated`)
-#: instead of pivoting: on random dual-cone problems, 2 variables took 0.02 instead of 0.13 ms,
-#: 3 variables 0.10 instead of 0.14 ms, 4 variables were no faster
-_ENUMERATE_UP_TO = 3
+#: on a CPU, problems with at most this many variables try every support at once in numpy
+#: (:func:`_enumerated`) instead of pivoting in torch: UPGrad's weights on random conflicting
+#: Gramians took 0.06 / 0.08 / 0.12 / 0.24 ms instead of 0.31 / 0.30 / 0.32 / 0.34 ms with 4 / 5
+#: / 6 / 7 tasks; with 8 the 256 supports cost more (0.42 against 0.35 ms)
+_ENUMERATE_UP_TO = 7
 
 
 def _support_solve(a: Tensor, b: Tensor, support: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,30 +111,28 @@ def _enumerated(
     a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
     """For each column of ``b`` (``(T, K)``, small ``T``), the minimiser found by trying every
-    support in turn: solve ``A_SS z_S = −b_S`` and keep it for the columns where it passes the
-    certificate of :func:`_support_solve`. Returns the answers and which columns are certified
-    (a column whose supports are all singular is not)."""
+    support: solve ``A_SS z_S = −b_S`` on all ``2^T`` supports at once (each system padded with
+    the identity off its support) and keep, per column, the first support in the order of its
+    bit mask whose answer passes the certificate of :func:`_support_solve`. When a support's
+    system is singular every support is solved by pseudo-inverse instead; the certificate still
+    decides. Returns the answers and which columns are certified."""
     t, k = b.shape
-    result = np.zeros_like(b)
-    done = np.zeros(k, dtype=bool)
+    on = (np.arange(1 << t)[:, None] >> np.arange(t) & 1).astype(bool)  # (2^T, T)
+    systems = np.where(on[:, :, None] & on[:, None, :], a, np.eye(t))
+    rhs = np.where(on[:, :, None], -b, 0.0)
+    try:
+        z = np.linalg.solve(systems, rhs)
+    except np.linalg.LinAlgError:  # singular on some support
+        z = np.linalg.pinv(systems) @ rhs
     tol = _CERTIFIED * np.maximum(np.abs(b).max(axis=0), 1.0)
-    for mask in range(1 << t):
-        on = np.array([(mask >> i) & 1 == 1 for i in range(t)])
-        z = np.zeros((t, k))
-        if on.any():
-            try:
-                z[on] = np.linalg.solve(a[np.ix_(on, on)], -b[on])
-            except np.linalg.LinAlgError:  # singular on this support
-                continue
-        feasible = (z >= -tol).all(axis=0)
-        z = z.clip(min=0.0)
-        gradient = a @ z + b
-        stationary = np.where(on[:, None], np.abs(gradient) <= tol, gradient >= -tol).all(axis=0)
-        new = feasible & stationary & ~done
-        result[:, new] = z[:, new]
-        done |= new
-        if done.all():
-            break
+    feasible = (z >= -tol).all(axis=1)
+    z = z.clip(min=0.0)
+    gradient = a @ z + b
+    stationary = np.where(on[:, :, None], np.abs(gradient) <= tol, gradient >= -tol).all(axis=1)
+    certified = feasible & stationary  # (2^T, K)
+    first = certified.argmax(axis=0)
+    done = certified.any(axis=0)
+    result = np.where(done, z[first, :, np.arange(k)].T, 0.0)
     return result, done
 
 
@@ -255,33 +257,49 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     The problem must be bounded below (true for every use here). When ``A`` is singular the
     minimiser need not be unique; the interior-point iterates approach the centre of the set of
     minimisers. On a CPU all columns first go through :func:`_pivoting` from the support
-    ``b < 0`` (the coordinates whose gradient at zero descends), or, with at most 3 variables,
-    :func:`_enumerated`; the columns they do not certify are solved as one batch by the
-    interior-point method (one batched Cholesky factorisation per iteration), with a crossover
-    to :func:`_support_solve` every few iterations. Elsewhere the interior point solves every
-    column (certificates would read values back to the host).
+    ``b < 0`` (the coordinates whose gradient at zero descends), or, with at most 7 variables,
+    :func:`_enumerated` in numpy; the columns they do not certify are solved as one batch by
+    the interior-point method (one batched Cholesky factorisation per iteration), with a
+    crossover to :func:`_support_solve` every few iterations. Elsewhere the interior point
+    solves every column (certificates would read values back to the host).
     """
-    a = quadratic.double()
+    a: Any = quadratic.double()
+    b: Any = linear.double()
+    if _small_on_cpu(a):
+        a, b = a.detach().numpy(), b.detach().numpy()
+    return torch.as_tensor(_solve(a, b, iterations, rounding_shift(quadratic)))
+
+
+def _small_on_cpu(a: Tensor) -> bool:
+    """Whether a problem with matrix ``a`` is solved in numpy (:func:`_enumerated`)."""
+    return a.device.type == "cpu" and a.shape[0] <= _ENUMERATE_UP_TO
+
+
+def _solve(a: Any, b: Any, iterations: int, shift: float) -> Any:
+    """:func:`nonneg_qp` on float64 tensors, or on numpy arrays (at most ``_ENUMERATE_UP_TO``
+    variables); ``shift`` is the :func:`rounding_shift` of the caller's matrix."""
+    xp = namespace(a)
     a = 0.5 * (a + a.T)
-    b = linear.double()
     t = a.shape[0]
     # scale the problem so that the average diagonal entry of A is one (A = 0 stays 0)
     scale = a.diagonal().sum() / t
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    a = a / scale
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    a = a / scale + shift * xp.diag(xp.ones_like(a[0]))
     b = b / scale
-    a = a + rounding_shift(quadratic) * torch.eye(t, dtype=a.dtype, device=a.device)
-    if a.device.type != "cpu":
-        return _interior_point(a, b, iterations)
     columns = b.reshape(t, -1)
-    if t <= _ENUMERATE_UP_TO:
-        found, sure = _enumerated(a.detach().numpy(), columns.detach().numpy())
-        result, certified = torch.from_numpy(found), torch.from_numpy(sure)
+    result: Any
+    certified: Any
+    if xp is np:
+        result, certified = _enumerated(a, columns)
+    elif a.device.type != "cpu":
+        return _interior_point(a, b, iterations)
     else:
         result, certified = _pivoting(a, columns, columns < 0, _PIVOT_ROUNDS)
-    if not bool(certified.all()):
+    if not certified.all():
         hard = ~certified
-        result[:, hard] = _interior_point(a, columns[:, hard], iterations, crossover=True)
+        result[:, hard] = _interior_point(
+            torch.as_tensor(a), torch.as_tensor(columns[:, hard]), iterations, crossover=True
+        )
     return result.reshape(b.shape)
 
 
@@ -289,11 +307,16 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     """Weights of the projections of ``Jᵀ u`` onto the dual cone ``{x : J x ≥ 0}``.
 
     For each column ``u`` of ``anchors`` (``(T,)`` or ``(T, K)``), returns
-    ``v = argmin_{v ≥ u} vᵀ G v`` (float64), so that the projection is ``Jᵀ v``.
+    ``v = argmin_{v ≥ u} vᵀ G v`` (float64), so that the projection is ``Jᵀ v``. With at most 7
+    tasks on a CPU the whole computation runs in numpy, whose operations on a few numbers cost a
+    fraction of torch's.
     """
-    g = gramian.double()
-    u = anchors.double()
-    v = u + nonneg_qp(gramian, g @ u, iterations)
+    g: Any = gramian.double()
+    u: Any = anchors.double()
+    if _small_on_cpu(g):
+        g, u = g.detach().numpy(), u.detach().numpy()
+    xp = namespace(g)
+    v = u + _solve(g, g @ u, iterations, rounding_shift(gramian))
     # should rounding still leave a problem without a minimiser, keep that anchor unprojected
     # rather than return inf or NaN
-    return torch.where(torch.isfinite(v).all(dim=0), v, u)
+    return torch.as_tensor(xp.where(xp.isfinite(v).all(0), v, u))
