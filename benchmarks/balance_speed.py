@@ -145,7 +145,7 @@ class EngineFloor(GramianWeighting):
     statistics, and ``Jᵀw`` into the encoder. Every Gramian method pays this, then its rule."""
 
     def weights(self, gramian: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+        return torch.ones_like(gramian[0])
 
 
 FLOOR = "(engine floor)"  # the row of EngineFloor in the results
