@@ -263,16 +263,17 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     crossover to :func:`_support_solve` every few iterations. Elsewhere the interior point
     solves every column (certificates would read values back to the host).
     """
-    a: Any = quadratic.double()
-    b: Any = linear.double()
-    if _small_on_cpu(a):
-        a, b = a.detach().numpy(), b.detach().numpy()
+    a, b = _working(quadratic, linear)
     return torch.as_tensor(_solve(a, b, iterations, rounding_shift(quadratic)))
 
 
-def _small_on_cpu(a: Tensor) -> bool:
-    """Whether a problem with matrix ``a`` is solved in numpy (:func:`_enumerated`)."""
-    return a.device.type == "cpu" and a.shape[0] <= _ENUMERATE_UP_TO
+def _working(matrix: Tensor, other: Tensor) -> tuple[Any, Any]:
+    """Float64 versions of a problem's ``matrix`` and ``other`` operand: numpy arrays when the
+    problem is small and on a CPU (:func:`_enumerated` solves it), tensors otherwise."""
+    a, b = matrix.double(), other.double()
+    if a.device.type == "cpu" and a.shape[0] <= _ENUMERATE_UP_TO:
+        return a.detach().numpy(), b.detach().numpy()
+    return a, b
 
 
 def _solve(a: Any, b: Any, iterations: int, shift: float) -> Any:
@@ -311,10 +312,7 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     tasks on a CPU the whole computation runs in numpy, whose operations on a few numbers cost a
     fraction of torch's.
     """
-    g: Any = gramian.double()
-    u: Any = anchors.double()
-    if _small_on_cpu(g):
-        g, u = g.detach().numpy(), u.detach().numpy()
+    g, u = _working(gramian, anchors)
     xp = namespace(g)
     v = u + _solve(g, g @ u, iterations, rounding_shift(gramian))
     # should rounding still leave a problem without a minimiser, keep that anchor unprojected
