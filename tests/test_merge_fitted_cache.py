@@ -56,6 +56,20 @@ def test_changed_data_or_model_is_computed_again(make, tmp_path):
     assert max(calls_data, calls_model, calls_head) < calls_all  # only the changed task runs
 
 
+@pytest.mark.parametrize("make", RULES, ids=["fisher", "regmean"])
+def test_merging_more_tensors_is_not_served_by_the_entry_of_fewer(make, tmp_path):
+    # the statistic covers only the merged tensors: an entry computed for encoder.0 alone must
+    # not serve a merge of the whole encoder (encoder.2 would silently get the plain mean)
+    s = setup()
+    subset = [{k: v for k, v in m.items() if k.startswith("encoder.0.")} for m in s.models]
+    Net.calls = 0
+    make().fit(s.factory, subset, s.data, cache=tmp_path)
+    merged, calls = fit_counting(make(), s, tmp_path)
+    fresh = make().fit(s.factory, s.models, s.data)
+    assert calls > 0
+    assert all(torch.allclose(merged[k], fresh[k]) for k in fresh)
+
+
 def test_regmean_reuses_its_grams_for_another_alpha_but_fisher_not_for_other_labels(tmp_path):
     s = setup()
     fit_counting(RegMean(alpha=0.1, num_examples=8), s, tmp_path)
@@ -162,10 +176,13 @@ def test_adamerging_reuses_its_coefficients_until_an_input_or_setting_changes(ma
     s.base["encoder.0.bias"] = s.base["encoder.0.bias"] + 1.0
     _, calls, _ = fit(make(steps=6))
     assert calls > 0  # another base
+    s.heads[0]["bias"] = s.heads[0]["bias"] + 1.0
+    _, calls, _ = fit(make(steps=6))
+    assert calls > 0  # another head (the factory's, not merged): the entropy is measured on it
     _, calls, _ = fit(make(steps=6))
     assert calls == 0
     manifests = sorted((tmp_path / make.name).glob("*.json"))
-    assert len(manifests) == 4
+    assert len(manifests) == 5
     entry = json.loads(manifests[0].read_text())
     assert set(entry["tensors"]) == {"coefficients"} and entry["fields"]["settings"]["steps"] == 6
 
@@ -210,8 +227,12 @@ def test_surgery_reuses_its_trained_modules_until_an_input_or_setting_changes(tm
     s.data[0][0] = s.data[0][0] + 1.0
     _, calls, _ = fit()
     assert calls > 0  # other data
+    s.heads[1]["bias"] = s.heads[1]["bias"] + 1.0
+    _, calls, _ = fit()
+    assert calls > 0  # any unmerged tensor of a task model enters the key (here the head,
+    # which the surgery does not read: the key is conservative there)
     manifests = sorted((tmp_path / "surgery").glob("*.json"))
-    assert len(manifests) == 6
+    assert len(manifests) == 7
     entry = json.loads(manifests[0].read_text())
     assert set(entry["tensors"]) == {"0.down", "0.up", "1.down", "1.up"}
     assert entry["fields"]["settings"]["head"] == "head"

@@ -18,9 +18,9 @@ NAMES = ["a", "b"]
 
 def test_two_steps_by_hand():
     balancer = DBMTL(NAMES, beta=0.5)
-    # losses (2, 0.5), ∇L = [[2, 0], [0, 1]] → log-loss gradients g = ∇L/L = [[1, 0], [0, 2]]
-    jacobian = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    losses = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    # the rows are the log-loss gradients g (the engine's log transform made them)
+    jacobian = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    losses = torch.tensor([2.0, 0.5], dtype=torch.float64).log()
     # step 1: ĝ = ½·0 + ½g = [[0.5, 0], [0, 1]]; norms (0.5, 1); d = 1·((1, 0) + (0, 1))
     assert torch.allclose(balancer.direction(jacobian, losses), torch.ones(2).double())
     # step 2: ĝ = ½ĝ + ½g = [[0.75, 0], [0, 1.5]]; norms (0.75, 1.5); d = 1.5·(1, 1)
@@ -28,7 +28,7 @@ def test_two_steps_by_hand():
 
 
 def test_every_average_is_scaled_to_the_largest_norm():
-    # losses (1, 1): g = J = [[3, 4], [0, 1]]; step 1: ĝ = ½g = [[1.5, 2], [0, 0.5]]
+    # g = J = [[3, 4], [0, 1]]; step 1: ĝ = ½g = [[1.5, 2], [0, 0.5]]
     # norms (2.5, 0.5): α = (2.5/2.5, 2.5/0.5) = (1, 5); d = (1.5, 2) + 5·(0, 0.5) = (1.5, 4.5)
     balancer = DBMTL(NAMES, beta=0.5)
     jacobian = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)
@@ -42,14 +42,14 @@ def test_default_rate_and_decay():
     jacobian = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     losses = torch.ones(2, dtype=torch.float64)
     balancer.direction(jacobian, losses)
-    assert torch.allclose(balancer.averages, 0.1 * jacobian / (1 + 1e-8))
+    assert torch.allclose(balancer.averages, 0.1 * jacobian)
     balancer.direction(jacobian, losses)
-    assert torch.allclose(balancer.averages, 0.19 * jacobian / (1 + 1e-8))
+    assert torch.allclose(balancer.averages, 0.19 * jacobian)
     # σ = 1: β₂ = 0.5/2 = 0.25, ĝ₂ = 0.25·0.5g + 0.75g = 0.875g
     decaying = DBMTL(NAMES, beta=0.5, beta_sigma=1.0)
     decaying.direction(jacobian, losses)
     decaying.direction(jacobian, losses)
-    assert torch.allclose(decaying.averages, 0.875 * jacobian / (1 + 1e-8))
+    assert torch.allclose(decaying.averages, 0.875 * jacobian)
 
 
 def exponential_losses(a: torch.Tensor, c: torch.Tensor):
@@ -62,21 +62,35 @@ def test_the_log_transform_is_applied_once_either_way():
     a = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.1, -1.0]])
     c = torch.tensor([4.0, 0.25])
     w1, losses = exponential_losses(a, c)
-    mt.balance.get("db_mtl", NAMES).backward(losses, shared=[w1])  # divides ∇L by L
+    mt.balance.get("db_mtl", NAMES).backward(losses, shared=[w1])
     w2, losses = exponential_losses(a, c)
     mt.balance.get("db_mtl", NAMES, loss_transform="log").backward(losses, shared=[w2])
-    # both see g = a; step 1: ĝ = 0.1a; d = max‖ĝ‖ Σ ĝᵢ/‖ĝᵢ‖
-    norms = a.norm(dim=1, keepdim=True)
-    expected = 0.1 * norms.max() * (a / norms).sum(dim=0)
+    # both see g = ∇log(Lᵢ + ε) = cᵢ/(cᵢ + ε)·aᵢ; step 1: ĝ = 0.1g; d = max‖ĝ‖ Σ ĝᵢ/‖ĝᵢ‖
+    g = a * (c / (c + 1e-8))[:, None]
+    norms = g.norm(dim=1, keepdim=True)
+    expected = 0.1 * norms.max() * (g / norms).sum(dim=0)
     assert torch.allclose(w1.grad, expected, atol=1e-6)
     assert torch.allclose(w2.grad, expected, atol=1e-6)
+
+
+def test_task_heads_are_trained_on_their_log_losses():
+    # Lᵢ = cᵢ exp(⟨aᵢ, W⟩ + hᵢ) with a head scalar hᵢ: ∂ log(Lᵢ + ε)/∂hᵢ = cᵢ/(cᵢ + ε) ≈ 1, where
+    # the plain gradient would be cᵢ (the authors' code runs each backward on log(L + 1e-8))
+    a = torch.tensor([[1.0, -2.0], [0.3, 0.1]])
+    c = torch.tensor([4.0, 0.25])
+    w = nn.Parameter(torch.zeros(2))
+    heads = nn.Parameter(torch.zeros(2))
+    losses = {n: c[i] * torch.exp((a[i] * w).sum() + heads[i]) for i, n in enumerate(NAMES)}
+    mt.balance.get("db_mtl", NAMES, loss_transform="none").backward(losses, shared=[w])
+    assert heads.grad is not None
+    assert torch.allclose(heads.grad, c / (c + 1e-8), atol=1e-6)
 
 
 def test_a_zero_average_contributes_nothing():
     balancer = DBMTL(NAMES)
     jacobian = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
     d = balancer.direction(jacobian, torch.ones(2, dtype=torch.float64))
-    assert torch.allclose(d, 0.1 * jacobian[1] / (1 + 1e-8))
+    assert torch.allclose(d, 0.1 * jacobian[1])
 
 
 def run_steps(balancer, jacobians):

@@ -128,6 +128,8 @@ class Balancer(nn.Module, abc.ABC):
             raise ConfigError(f"{type(self).__name__}: task names must be unique, got {names}")
         self.tasks: tuple[str, ...] = tuple(names)
         self.loss_transform: LossTransform = "none"
+        #: ε of the log transform, ``log(Lᵢ + ε)``: 0 except for a method whose rule adds one
+        self.log_eps = 0.0
 
     @property
     def num_tasks(self) -> int:
@@ -153,7 +155,8 @@ class Balancer(nn.Module, abc.ABC):
         becomes ``log L̄ᵢ + (Lᵢ − L̄ᵢ) / L̄ᵢ`` with ``L̄ᵢ`` detached: in one process its value and
         gradient are those of ``log Lᵢ``; under ``torch.distributed`` the ranks' values and
         gradients average to exactly the union batch's ``log L̄ᵢ`` and ``∇ log L̄ᵢ`` (a plain
-        ``log Lᵢ,r`` on each rank would not).
+        ``log Lᵢ,r`` on each rank would not). A method with a positive :attr:`log_eps` takes
+        ``log(L̄ᵢ + ε)`` instead, with ``L̄ᵢ + ε`` in the denominator.
         """
         missing = [t for t in self.tasks if t not in losses]
         extra = [t for t in losses if t not in self.tasks]
@@ -180,10 +183,11 @@ class Balancer(nn.Module, abc.ABC):
         values = torch.stack([loss.detach().float() for loss in items])
         distributed.all_reduce_mean_(values)
         if self.loss_transform == "log":
-            logs = torch.log(values)
+            shifted = values + self.log_eps
+            logs = torch.log(shifted)
             items = [
                 logs[i].to(loss.dtype)
-                + (loss - values[i].to(loss.dtype)) / values[i].to(loss.dtype)
+                + (loss - values[i].to(loss.dtype)) / shifted[i].to(loss.dtype)
                 for i, loss in enumerate(items)
             ]
             values = logs

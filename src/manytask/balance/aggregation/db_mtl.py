@@ -1,10 +1,10 @@
 r"""DB-MTL (dual balancing): balance loss scales with a log transform and gradient magnitudes by
 scaling every task's averaged gradient up to the largest.
 
-Lin, Jiang, Ye, Zhang, Chen, Chen, Liu and Kwok, "Dual-Balancing for Multi-Task Learning",
-technical report, arXiv:2308.12029 (2023). With the gradients of the log losses
-:math:`g_i = \nabla \log(L_i + \epsilon) = \nabla L_i / (L_i + \epsilon)` at step
-:math:`k = 1, 2, \dots`:
+Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Tsang and Kwok, "Dual-Balancing for Multi-Task
+Learning", arXiv:2308.12029 (2023; its v3 of 2025 is accepted by Neural Networks). With the
+gradients of the log losses :math:`g_i = \nabla \log(L_i + \epsilon) = \nabla L_i / (L_i +
+\epsilon)` at step :math:`k = 1, 2, \dots`:
 
 .. math::
 
@@ -24,19 +24,22 @@ start manytask follows. The direction is written as :math:`\max_j\|\hat g_j\|` t
 unit vectors: the code's :math:`\sum_i \alpha_i \hat g_i` without the 1e-8 the code adds to the
 norms (a zero average is skipped instead), so the rule is exactly homogeneous.
 
-The log transform is part of the method: with the default ``loss_transform="none"`` the rows of
-``J`` are divided by :math:`L_i + \epsilon` (losses below zero are clamped at zero, for which
-the log is undefined); with ``loss_transform="log"`` the engine already differentiates
-:math:`\log L_i` and the rows are used as they are.
+The log transform is part of the method, for every parameter: the engine differentiates
+:math:`\log(L_i + \epsilon)` (the loss transform of :mod:`manytask.balance.base` with
+:attr:`~manytask.balance.base.Balancer.log_eps` set to ε), so the rows of ``J`` are the
+:math:`g_i` above and each task head is trained on its log loss, as the authors' code does (it
+runs every task's backward pass on ``log(L + 1e-8)``). ``loss_transform`` is therefore always
+``"log"`` for this method, whatever is passed.
 
 The averaged gradients are a ``(T, P)`` buffer allocated on the first step (its size depends on
 ``P``); ``state_dict()`` carries it and loading adopts its shape, so a resumed run continues
 exactly; a step whose gradients are not finite (an AMP overflow, which the scaler then skips)
 leaves the state unchanged. Because the buffer is indexed by the coordinates of ``J``, which in
 feature mode are the samples of the current batch, feature mode is refused. Exact under
-``torch.distributed`` in parameter mode (``J`` and the loss values are averaged over ranks
-first, and :math:`\nabla \log \bar L = \nabla \bar L / \bar L`). Shared parameters receive
-``d``; task-specific parameters their own task's gradient.
+``torch.distributed`` in parameter mode (the loss transform gives every rank
+:math:`\nabla L_{i,r} / (\bar L_i + \epsilon)`, whose mean over ranks is
+:math:`\nabla \log(\bar L_i + \epsilon)`, and ``J`` is averaged over ranks). Shared parameters
+receive ``d``; task-specific parameters the gradient of their own task's log loss.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from manytask.errors import ConfigError
     "balancer",
     "db_mtl",
     "dual balancing: log losses and EMA gradients scaled to the largest norm "
-    "(Lin et al., arXiv 2023, arXiv:2308.12029)",
+    "(Lin et al., Neural Networks, arXiv:2308.12029)",
 )
 class DBMTL(JacobianAggregator):
     """DB-MTL on the rows of ``J``.
@@ -65,7 +68,7 @@ class DBMTL(JacobianAggregator):
         tasks: task names.
         beta: EMA rate β of the averaged gradients, in [0, 1).
         beta_sigma: decay exponent σ of β (β_k = β / k^σ), ≥ 0.
-        eps: ε of log(L + ε) (> 0).
+        eps: ε of log(L + ε) (> 0), the loss transform every parameter is trained on.
     """
 
     averages: Tensor
@@ -87,6 +90,8 @@ class DBMTL(JacobianAggregator):
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.eps = float(eps)
+        self.log_eps = self.eps
+        self.loss_transform = "log"
         self.register_buffer("averages", torch.zeros(0))  # (T, P) after the first step
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -99,7 +104,9 @@ class DBMTL(JacobianAggregator):
                 "feature mode those coordinates are the samples of each batch, so use "
                 "mode='parameters'"
             )
-        return super().configure(loss_transform, mode)
+        super().configure(loss_transform, mode)
+        self.loss_transform = "log"  # the method's own transform (module docstring)
+        return self
 
     def _averages_for(self, jacobian: Tensor) -> Tensor:
         shape = (self.num_tasks, jacobian.shape[1])
@@ -123,9 +130,7 @@ class DBMTL(JacobianAggregator):
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
         averages = self._averages_for(jacobian)
-        g = jacobian.to(averages.dtype)
-        if self.loss_transform == "none":
-            g = g / (losses.to(g.dtype).clamp_min(0) + self.eps)[:, None]
+        g = jacobian.to(averages.dtype)  # gradients of log(Lᵢ + ε) (module docstring)
         finite = torch.isfinite(g).all()  # an AMP overflow step leaves the state alone
         k = (self.step + 1).double()
         beta_k = (self.beta * k.pow(-self.beta_sigma)).to(g.dtype)

@@ -54,6 +54,7 @@ from manytask.merge.fitted.cache import (
     cached,
     check_rereadable,
     states_fingerprint,
+    unmerged_states,
 )
 from manytask.registry import register
 
@@ -116,9 +117,11 @@ class AdaMerging(FittedRule):
         if store is not None:
             for source in experts.data:
                 check_rereadable(source, self.name)
+        modules = experts.build_shared(theta0, first)
         labelled = [
             ("base", experts.base),
             *((f"model{i}", m) for i, m in enumerate(experts.models)),
+            *unmerged_states(modules, experts.keys),  # the heads the entropy is measured on
         ]
         models = "" if store is None else states_fingerprint(first, labelled)
 
@@ -129,7 +132,6 @@ class AdaMerging(FittedRule):
                     yield next(stream)
 
         def learn(batches: Iterator[Inputs]) -> Statistics:
-            modules = experts.build_shared(theta0, first)
             shape = (experts.count,) if self.granularity == "task" else (len(keys), experts.count)
             raw = torch.full(shape, self.init, device=device, requires_grad=True)
             optimizer = torch.optim.Adam([raw], lr=self.lr, betas=(0.9, 0.999))

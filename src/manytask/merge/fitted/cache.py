@@ -95,6 +95,27 @@ def states_fingerprint(
     return digest.hexdigest()
 
 
+def names_fingerprint(names: Iterable[str]) -> str:
+    """Fingerprint of a set of tensor names (the merged ones: a statistic covers only those)."""
+    digest = Digest()
+    for name in sorted(names):
+        digest.text(name)
+    return digest.hexdigest()
+
+
+def unmerged_states(
+    modules: Iterable[nn.Module], merged: Iterable[str]
+) -> list[tuple[str, dict[str, Tensor]]]:
+    """The tensors each built task model holds besides the merged ones (its head, layers left
+    unmerged), labelled ``built<i>`` for :func:`states_fingerprint`: a rule that runs those
+    models depends on them too."""
+    names = set(merged)
+    return [
+        (f"built{i}", {k: v for k, v in module.state_dict().items() if k not in names})
+        for i, module in enumerate(modules)
+    ]
+
+
 class DataDigest:
     """Fingerprint and count of the examples read, updated batch by batch."""
 

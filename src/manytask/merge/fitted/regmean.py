@@ -16,20 +16,26 @@ where α scales the off-diagonal entries of each Gram matrix (α = 1 is the exac
 regression, α = 0 a per-input-feature weighted average). Every other merged tensor (biases,
 norms, embeddings, linear layers no input reached) is the plain average, as in the paper.
 
-The Grams are summed over the rows of every input that reaches an ``nn.Linear`` whose
-``<name>.weight`` is merged (forward hooks; a sequence input ``[batch, tokens, in]`` contributes
-every token, padding included), over the first ``num_examples`` examples of each task, in
-float32 (float64 for float64 inputs). A task whose inputs never reach a layer contributes
-:math:`G_i = 0` there. The inverse is a pseudo-inverse taken in float64 (eigenvalues below
-``in · eps · λ_max`` are dropped), written as
+Each task's Gram is the mean over the :math:`n_i` rows of every input that reaches an
+``nn.Linear`` whose ``<name>.weight`` is merged, :math:`G_i = X_i^\top X_i / n_i` (forward
+hooks; a sequence input ``[batch, tokens, in]`` contributes every token, padding included), over
+the first ``num_examples`` examples of each task, summed in float32 (float64 for float64
+inputs). The paper writes the unnormalised :math:`X_i^\top X_i`; the authors' code
+(``compute_grams`` keeps a running mean) and FusionBench divide by the rows, so that every task
+model counts alike however many rows (examples, tokens) its data give; manytask follows the
+code. The two agree when every task gives a layer as many rows. A task whose inputs never reach
+a layer contributes :math:`G_i = 0` there. The inverse is a pseudo-inverse taken in float64
+(eigenvalues below ``in · eps · λ_max`` are dropped), written as
 :math:`W^* = \bar W + \big(\sum_i (W_i - \bar W)\tilde G_i\big)\big(\sum_i \tilde G_i\big)^+`:
 it equals the formula when the sum is invertible, and keeps the average :math:`\bar W` along the
 input directions no task's data reach (our choice, because the data say nothing there).
 Linear layers whose ``forward`` is bypassed (``nn.MultiheadAttention`` calls its ``out_proj``
 weights functionally) are averaged.
 
-Defaults: ``num_examples = 1000`` (the authors' released configurations, ``gram_n_example: 1000``
-in github.com/bloomberg/dataless-model-merging ``src/configs/exps``); ``alpha = 0.1`` (the value
+Defaults: ``num_examples = 1000`` (ours: the authors' released configurations set
+``gram_n_example: 1000`` in github.com/bloomberg/dataless-model-merging ``src/configs/exps``, but
+their code counts batches there, of 16 examples, so they read up to 16,000 examples where a data
+set has that many; FusionBench reads 256); ``alpha = 0.1`` (the value
 of those configurations for the emotion-classification experiments with RoBERTa, T5 and
 DeBERTa, ``regmean_reduce_nondiag: 0.1``; their GLUE configurations keep α = 1).
 """
@@ -91,7 +97,7 @@ class RegMean(StatisticsRule):
 
     Args:
         alpha: α in [0, 1], the scale of the Gram matrices' off-diagonal entries.
-        num_examples: examples of each task's data the Gram matrices are summed over (≥ 1).
+        num_examples: examples of each task's data the Gram matrices are taken over (≥ 1).
     """
 
     name: ClassVar[str] = "regmean"
@@ -113,8 +119,9 @@ class RegMean(StatisticsRule):
         generator: torch.Generator,
         task: int,
     ) -> Statistics:
-        """:math:`G = X^\\top X` (float32) of every merged linear layer the inputs reach,
-        keyed by the layer's name, and the number of rows summed (``extra["rows"]``)."""
+        """:math:`X^\\top X` (float32) of every merged linear layer the inputs reach, keyed by
+        the layer's name, and the number of rows summed (``extra["rows"]``, by which
+        :meth:`fit_experts` divides it)."""
         merged = set(keys)
         layers = {
             name: layer
@@ -156,7 +163,10 @@ class RegMean(StatisticsRule):
     def fit_experts(
         self, experts: Experts, cache: str | Path | None, seed: int
     ) -> dict[str, Tensor]:
-        grams = [s.tensors for s in self.statistics(experts, cache, seed)]
+        grams = [  # each task's mean over its rows (module docstring)
+            {name: gram / max(stats.extra["rows"][name], 1) for name, gram in stats.tensors.items()}
+            for stats in self.statistics(experts, cache, seed)
+        ]
         merged: dict[str, Tensor] = {}
         for key in experts.keys:
             tensors = [m[key] for m in experts.models]

@@ -29,6 +29,7 @@ from manytask.merge.fitted.cache import (
     cached,
     check_rereadable,
     module_fingerprint,
+    names_fingerprint,
 )
 
 
@@ -69,12 +70,13 @@ class StatisticsRule(FittedRule, ABC):
         store = None if cache is None else StatisticsCache(cache, self.name)
         return [self._task_statistics(experts, task, store, seed) for task in range(experts.count)]
 
-    def _fields(self, model: str, digest: DataDigest, seed: int) -> dict[str, Any]:
+    def _fields(self, model: str, tensors: str, digest: DataDigest, seed: int) -> dict[str, Any]:
         return {
             "rule": self.name,
             "statistic": self.statistic_version,
             "settings": self.statistic_settings(seed),
             "model": model,
+            "tensors": tensors,
             "data": digest.hexdigest(),
             "examples": digest.count,
         }
@@ -85,6 +87,8 @@ class StatisticsRule(FittedRule, ABC):
         module = experts.build(task)
         data = experts.data[task]
         model = "" if store is None else module_fingerprint(module)
+        # the statistic covers the merged tensors only: another set is another entry
+        tensors = "" if store is None else names_fingerprint(experts.keys)
         if store is not None:
             check_rereadable(data, self.name, f"the data of task {task}")
 
@@ -94,7 +98,7 @@ class StatisticsRule(FittedRule, ABC):
 
         return cached(
             store,
-            lambda digest: self._fields(model, digest, seed),
+            lambda digest: self._fields(model, tensors, digest, seed),
             lambda: take(data, self.num_examples, self.name, task),
             compute,
             f"{self.name}: the data of task {task}",

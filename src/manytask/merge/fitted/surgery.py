@@ -60,6 +60,7 @@ from manytask.merge.fitted.cache import (
     cached,
     check_rereadable,
     states_fingerprint,
+    unmerged_states,
 )
 
 
@@ -243,7 +244,11 @@ class RepresentationSurgery(FittedRule):
         modules = experts.build_shared(shared, first)
         targets = [{k: m[k].to(device, own[k].dtype) for k in experts.keys} for m in experts.models]
         store = None if cache is None else StatisticsCache(cache, self.name)
-        labelled = [("merged", shared), *((f"model{i}", m) for i, m in enumerate(experts.models))]
+        labelled = [
+            ("merged", shared),
+            *((f"model{i}", m) for i, m in enumerate(experts.models)),
+            *unmerged_states(modules, experts.keys),
+        ]
         inputs_print = "" if store is None else states_fingerprint(first, labelled)
 
         def read() -> Iterator[Inputs]:  # one batch of every task per step (at least one)
