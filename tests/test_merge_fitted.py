@@ -241,6 +241,21 @@ def test_regmean_with_alpha_one_is_the_least_squares_fit_of_every_models_outputs
     assert torch.allclose(merged, expected, atol=1e-8)
 
 
+def test_regmean_weighs_every_task_alike_however_many_rows_it_gives():
+    # each Gram is the mean over its task's rows (the authors' code): task 1 reading its rows
+    # four times over, or a quarter of task 0's rows twice, changes nothing
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    xs = [torch.randn(12, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    models = [{"weight": w} for w in ws]
+    reference = RegMean(alpha=0.5).fit(single_linear(ws), models, [[x] for x in xs])["weight"]
+    repeated = [[xs[0]], [xs[1]] * 4]
+    merged = RegMean(alpha=0.5).fit(single_linear(ws), models, repeated)["weight"]
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    assert torch.allclose(merged, reference, atol=1e-10)
+    assert torch.allclose(merged, regmean_weight(ws, grams, alpha=0.5), atol=1e-10)
+
+
 def test_regmean_with_equal_grams_is_the_average_for_any_alpha():
     g = torch.Generator().manual_seed(4)
     ws = [torch.randn(2, 3, generator=g) for _ in range(2)]
@@ -289,7 +304,7 @@ def test_regmean_keeps_the_average_along_inputs_no_task_reaches():
     assert torch.allclose(merged["weight"][:, :2], torch.linalg.lstsq(x_all, y_all).solution.T)
 
 
-def test_regmean_sums_every_token_of_a_sequence_input():
+def test_regmean_counts_every_token_of_a_sequence_input_as_a_row():
     g = torch.Generator().manual_seed(6)
     ws = [torch.randn(2, 3, generator=g) for _ in range(2)]
     xs = [torch.randn(2, 5, 3, generator=g) for _ in range(2)]
