@@ -40,6 +40,29 @@ def test_imtl_g_zero_and_duplicate_gradients():
     assert torch.equal(IMTLG(["a", "b"]).weights(torch.zeros(2, 2), torch.ones(2)), torch.zeros(2))
 
 
+def paper_closed_form(jacobian: torch.Tensor) -> torch.Tensor:
+    """α₂:T = g₁Uᵀ(DUᵀ)⁻¹ with D = [g₁ − gᵢ], U = [u₁ − uᵢ] (i ≥ 2), α₁ = 1 − Σα₂:T."""
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    d, u = jacobian[:1] - jacobian[1:], units[:1] - units[1:]
+    rest = jacobian[0] @ u.T @ torch.linalg.inv(d @ u.T)
+    return torch.cat([1.0 - rest.sum().reshape(1), rest])
+
+
+@pytest.mark.parametrize("spread", [1e2, 1e4])
+def test_imtl_g_keeps_a_much_shorter_gradient(spread):
+    # the rank tolerance acts on the cosines: on G itself it counted a gradient more than about
+    # 1,500× shorter than the largest as zero, and the direction went 20× wrong at 10⁴
+    gen = torch.Generator().manual_seed(4)
+    jacobian = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    jacobian *= torch.tensor([[1.0], [3.0], [30.0], [spread]]) / jacobian.norm(dim=1, keepdim=True)
+    w = IMTLG(list("abcd")).weights(jacobian @ jacobian.T, torch.ones(4))
+    assert torch.allclose(w, paper_closed_form(jacobian), rtol=1e-9, atol=0.0)
+    single = jacobian.float()  # the engine's float32 Jacobian: projections still equal
+    d = IMTLG(list("abcd")).direction(single, torch.ones(4))
+    projections = (single / single.norm(dim=1, keepdim=True)) @ d
+    assert torch.allclose(projections, projections.mean().expand(4), rtol=1e-5)
+
+
 def random_inputs(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     for t, p in [(2, 5), (3, 7), (4, 9), (5, 20), (8, 30)]:

@@ -39,9 +39,13 @@ Deviations:
   (its learning rate is tuned for that scale); manytask follows the paper's ``d`` built on the
   *average* gradient, as LibMTL does — multiply the learning rate by ``T`` to reproduce that
   script;
-- where :math:`\|g_{w^\star}\|` vanishes (the convex hull of the gradients contains zero) the
-  authors divide by :math:`\|g_{w^\star}\| + 10^{-8}` in raw units; manytask adds ``1e-8`` in
-  units of the root-mean-square gradient norm, which keeps the rule homogeneous.
+- the authors divide by :math:`\|g_{w^\star}\| + 10^{-8}` in raw units, which guards against
+  a vanishing :math:`\|g_{w^\star}\|` (the convex hull of the gradients contains zero) but
+  shortens the step of every problem a little; manytask divides by
+  :math:`\|g_{w^\star}\|` exactly and takes :math:`\lambda = 0` where it is at most ``1e-8`` in
+  units of the root-mean-square gradient norm (rounding noise there), which keeps the rule
+  homogeneous. (Adding the ``1e-8`` in those units instead, as manytask did before, shortened
+  the step by a relative 1e-4 when the gradient norms spanned four orders of magnitude.)
 
 Properties: homogeneous (``A(cJ) = cA(J)``) and independent of the task order; not
 non-conflicting (``c < 1`` trades the worst task's improvement for closeness to ``g₀``).
@@ -100,6 +104,7 @@ class CAGrad(GramianWeighting):
         radius = self.c * torch.sqrt(g.sum().clamp_min(0.0)) / t  # c‖g₀‖
         w = cagrad_dual(g, radius)
         norm = torch.sqrt((w @ g @ w).clamp_min(0.0))  # ‖g_w‖
-        weights = 1.0 / t + (radius / (norm + 1e-8)) * w
+        live = norm > 1e-8  # below, ‖g_w‖ is rounding noise (module docstring)
+        weights = 1.0 / t + torch.where(live, radius / torch.where(live, norm, 1.0), 0.0) * w
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         return (weights / divisor).to(gramian.dtype)

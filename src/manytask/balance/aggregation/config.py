@@ -51,6 +51,7 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import RANK_EPS
 
@@ -59,10 +60,7 @@ def config_weights(gramian: Tensor) -> Tensor:
     """ConFIG's weights on the raw gradients (float64)."""
     g = gramian.double()
     t = g.shape[0]
-    norms = g.diagonal().clamp_min(0.0).sqrt()
-    live = norms > 1e-12 * norms.max().clamp_min(0.0)
-    inverse_norms = torch.where(live, 1.0 / torch.where(live, norms, torch.ones_like(norms)), 0.0)
-    cosines = g * inverse_norms[:, None] * inverse_norms[None, :]
+    cosines, inverse_norms = unit_cosines(g)
     ones = torch.ones(t, dtype=g.dtype, device=g.device)
     unit_weights = psd_pseudo_inverse(cosines, rtol=t * RANK_EPS) @ ones  # g_v = Uᵀ(C⁺1)
     squared = unit_weights @ cosines @ unit_weights  # ‖g_v‖² = 1ᵀC⁺1, free of the scale of J

@@ -31,8 +31,10 @@ whose Gramian is not finite (an AMP overflow, which the scaler then skips) leave
 
 Defaults and choices:
 
-- ``beta = 0.5``: the default of LibMTL's ``GradVac_beta`` (and of torchjd's ``GradVac``).
-- One group, the whole model (LibMTL's ``GradVac_group_type=0``); the paper's per-layer
+- ``beta = 0.5``: the default of LibMTL's β (``GradVac_beta`` on its GitHub, ``--beta`` in the
+  1.1.5 release) and of torchjd's ``GradVac``.
+- One group, the whole model (``GradVac_group_type=0`` on LibMTL's GitHub; the 1.1.5 release
+  has only that); the paper's per-layer
   granularity is not offered, because a Gramian method sees only whole-vector inner products.
 - As in the paper's Algorithm 1 the EMA is updated for every visited pair at every step. LibMTL
   (1.1.5 and later) updates it only when a correction is applied, so its targets never rise

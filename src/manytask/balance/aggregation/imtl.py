@@ -12,18 +12,23 @@ are equal. The paper's closed form, with :math:`D = [g_1 - g_i]_{i \ge 2}` and
 
 .. math::
 
-    \alpha = \frac{G^{+} n}{\mathbf 1^\top G^{+} n} ,
+    \alpha = \frac{v}{\mathbf 1^\top v}, \qquad v = N^{-1} C^{+} \mathbf 1 ,
 
-the same weights when the gradients are linearly independent (the paper's assumption), and
-defined otherwise through the pseudo-inverse (the generalisation of Quinton and Rey,
-arXiv:2406.16232, also torchjd's ``IMTLG``). The pseudo-inverse comes from the Jacobi
-eigen-decomposition of :mod:`manytask.balance.solvers.eigh` (no host synchronisation) applied
-to ``G`` divided by its mean diagonal; eigenvalues at or below ``T·1.2e-7·λ_max`` count as zero
-(the float32 rank tolerance of the Aligned-MTL authors' code, suited to the float32 Gramians the
-engine forms). Where :math:`|\mathbf 1^\top G^+ n| \le 10^{-8}` (in units of the mean squared
-gradient norm; e.g. every gradient zero, or two opposite gradients, where it vanishes exactly)
-the weights are zero, as torchjd does below ``1e-12``; the direction would otherwise be rounding
-noise divided by a vanishing number.
+with :math:`N = \operatorname{diag}(n)` and :math:`C = N^{-1} G N^{-1}` the cosine matrix:
+:math:`v = G^{-1} n` when the gradients are linearly independent (the paper's assumption), so
+these are the paper's weights, and defined otherwise through the pseudo-inverse of ``C`` (as
+ConFIG's weights are; torchjd's ``IMTLG`` and Quinton and Rey, arXiv:2406.16232, generalise
+with :math:`G^+ n` instead, which differs only for dependent gradients). The pseudo-inverse comes
+from the Jacobi eigen-decomposition of :mod:`manytask.balance.solvers.eigh` (no host
+synchronisation); eigenvalues of ``C`` at or below ``T·1.2e-7·λ_max`` count as zero (the float32
+rank tolerance of the Aligned-MTL authors' code, suited to the float32 Gramians the engine
+forms). Taken on the cosines, that tolerance treats every task alike: on ``G`` itself it counted
+a gradient more than about 1,500× shorter than the largest as zero, and the directions went
+wrong (:mod:`manytask.balance.solvers.cosines`). Where :math:`|\mathbf 1^\top v|` is at most
+:math:`10^{-8}` in units of the inverse root mean squared gradient norm (e.g. every gradient
+zero, or two opposite gradients, where it vanishes exactly) the weights are zero, as torchjd
+does below ``1e-12``; the direction would otherwise be rounding noise divided by a vanishing
+number.
 
 **IMTL** (``imtl``, Section 3, the hybrid of IMTL-L and IMTL-G of the paper's experiments):
 each loss is scaled, :math:`\tilde L_i = e^{s_i} L_i - s_i`, with a learnable :math:`s_i`
@@ -55,7 +60,7 @@ Deviations:
 
 Properties: IMTL-G is homogeneous and independent of the task order; IMTL is homogeneous for
 given scales, and depends on which task holds which scale. Neither is non-conflicting: the
-common projection :math:`1/(\mathbf 1^\top G^+ n)` is negative for some (rare) configurations of
+common projection :math:`1/(\mathbf 1^\top v)` is negative for some (rare) configurations of
 linearly independent gradients, and then ``d`` conflicts with every task.
 
 Shared parameters receive ``d``; task-specific parameters their own task's gradient. Exact under
@@ -71,22 +76,24 @@ from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import RANK_EPS
 
 
 def imtl_g_weights(gramian: Tensor) -> Tensor:
-    """IMTL-G's ``α = G⁺n / 1ᵀG⁺n`` (float64), or zeros where ``1ᵀG⁺n`` vanishes."""
+    """IMTL-G's ``α = v / 1ᵀv`` with ``v = N⁻¹C⁺1`` (``= G⁻¹n`` for independent gradients;
+    float64), or zeros where ``1ᵀv`` vanishes."""
     g = gramian.double()
     t = g.shape[0]
+    cosines, inverse_norms = unit_cosines(g)
+    ones = torch.ones(t, dtype=g.dtype, device=g.device)
+    v = inverse_norms * (psd_pseudo_inverse(cosines, rtol=t * RANK_EPS) @ ones)
     scale = g.diagonal().sum() / t
-    g = g / torch.where(scale > 0, scale, torch.ones_like(scale))
-    norms = g.diagonal().clamp_min(0.0).sqrt()
-    v = psd_pseudo_inverse(g, rtol=t * RANK_EPS) @ norms
     total = v.sum()
-    # 1ᵀG⁺n vanishes exactly for, e.g., two opposite gradients, where rounding leaves ~1e-17
-    # (in these units, mean diagonal 1) and v/1ᵀv would be noise: treat |1ᵀG⁺n| ≤ 1e-8 as 0
-    defined = total.abs() > 1e-8
+    # 1ᵀv vanishes exactly for, e.g., two opposite gradients, where rounding leaves ~1e-17
+    # (in units of the root mean squared norm) and v/1ᵀv would be noise: treat ≤ 1e-8 as 0
+    defined = (total * torch.where(scale > 0, scale, torch.ones_like(scale)).sqrt()).abs() > 1e-8
     return torch.where(defined, v / torch.where(defined, total, torch.ones_like(total)), 0.0)
 
 

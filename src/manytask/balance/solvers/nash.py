@@ -20,19 +20,23 @@ multiple of :math:`1/\sqrt{G_{ii}}`.
 The authors of Nash-MTL instead solve a sequence of convex programs with cvxpy (a
 concave–convex procedure, at most 20 per step, warm-started from the previous step's weights);
 both find the same unique solution when the task gradients are linearly independent, the
-paper's assumption. To stay defined without it — a zero gradient, or zero in the convex hull
-of the gradients, where no positive solution exists — :func:`power_balance` solves with
-:math:`G/\bar g + \epsilon I` (:math:`\bar g` the mean diagonal, :math:`\epsilon = 10^{-12}`, or
-:math:`T` times the machine epsilon of a Gramian computed in lower precision: a float32 Gramian of
-nearly opposite gradients is often slightly indefinite after rounding),
-which moves the weights of independent gradients by a relative :math:`O(\epsilon w_i^2)`, and
-gives weight zero to tasks whose gradient is numerically zero (their weight does not change
-the direction). With the default 40 Newton steps the relative residual of :math:`Gw = w^{-p}`
-is about ``1e-11`` on random problems with 2–40 tasks, and stays below ``1e-8`` (the bias of the
-regularisation) on badly conditioned ones (``tests/test_solvers_nash.py``). On a CPU, where
-reading a value costs no device synchronisation, the loop stops as soon as the relative residual
-is below ``1e-13`` (typically after 5–10 steps), and the steps run in numpy
-(:mod:`.backend`).
+paper's assumption. To stay defined without it — a zero gradient, or zero in the convex hull of
+the gradients, where no positive solution exists — :func:`power_balance` solves with
+:math:`G/\bar g + \operatorname{diag}(\delta\, G_{ii}/\bar g + \epsilon)` (:math:`\bar g` the
+mean diagonal, :math:`\epsilon = 10^{-12}`, :math:`\delta` ``T`` times the machine epsilon of
+the Gramian's dtype: a float32 Gramian of nearly opposite gradients is often slightly indefinite
+after rounding). The rounding shift is relative to each task's own :math:`G_{ii}`, the scale at
+which rounding perturbs row ``i`` (:math:`|\Delta G_{ij}| \lesssim \varepsilon \|g_i\|
+\|g_j\|`), so it moves every weight by a relative :math:`O(\delta)` however unequal the gradient
+norms are (relative to the mean it moved the weight of a gradient 1000× smaller than the others
+by 5% in float32); :math:`\epsilon` moves the weights of independent gradients by a relative
+:math:`O(\epsilon\, \bar g / G_{ii})`. Tasks whose gradient is numerically zero get weight zero
+(their weight does not change the direction). With the default 40 Newton steps the relative
+residual of :math:`Gw = w^{-p}` is about ``1e-11`` on random problems with 2–40 tasks, and stays
+below ``1e-8`` (the bias of the regularisation) on badly conditioned ones
+(``tests/test_solvers_nash.py``). On a CPU, where reading a value costs no device
+synchronisation, the loop stops as soon as the relative residual is below ``1e-13`` (typically
+after 5–10 steps), and the steps run in numpy (:mod:`.backend`).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from torch import Tensor
 from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.precision import rounding_shift
 
-#: relative diagonal regularisation (see the module docstring); at least ``T·ε`` of the
-#: Gramian's dtype, so that one rounded in float32 is still positive definite
+#: diagonal regularisation relative to the mean diagonal (see the module docstring); the
+#: rounding shift ``T·ε`` of the Gramian's dtype is added relative to each diagonal entry
 EPSILON = 1e-12
 _LINE_SEARCH = 30
 #: on a CPU the loop stops once every ``|wᵢ(Aw)ᵢ − wᵢ^(1−p)|`` is below this share of
@@ -99,7 +103,7 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     """
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
-    shift = max(EPSILON, rounding_shift(gramian))
+    shift = rounding_shift(gramian)
     g = gramian.double()
     if g.device.type == "cpu":
         with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
@@ -110,7 +114,8 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
 
 
 def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> Any:
-    """The Newton iteration of :func:`power_balance` on float64 arrays or tensors."""
+    """The Newton iteration of :func:`power_balance` on float64 arrays or tensors; ``shift``
+    is the rounding shift, relative to each diagonal entry (module docstring)."""
     xp = namespace(g)
     g = 0.5 * (g + g.T)
     t = g.shape[0]
@@ -118,7 +123,7 @@ def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> 
     mean = diagonal.sum() / t
     mean = xp.where(mean > 0, mean, xp.ones_like(mean))
     live = diagonal > 1e-12 * diagonal.max().clip(min=0.0)  # numerically non-zero gradients
-    a = g / mean + shift * xp.diag(xp.ones_like(diagonal))
+    a = g / mean + xp.diag(shift * diagonal.clip(min=0.0) / mean + EPSILON)
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv
     v = a.diagonal() ** -0.5
