@@ -57,6 +57,9 @@ def authors_weights(history: torch.Tensor, slopes: list, totals: list, tau: floa
     k = history.shape[1]
 
     def fit(y: torch.Tensor) -> torch.Tensor:
+        y = y[y != 0]  # the authors' fit_window_slope drops zero losses (absent tasks)
+        if len(y) < 2:
+            return torch.zeros((), dtype=torch.float64)
         x = torch.arange(len(y), dtype=torch.float64)
         design = torch.stack((x, torch.ones_like(x))).T
         return torch.linalg.solve(design.T @ design, design.T @ y)[0]
@@ -99,6 +102,46 @@ def test_matches_the_authors_rule_within_the_first_window(seed):
             continue
         theirs, _ = authors_weights(normalised[: i + 1], slopes, totals, 5.0)
         assert torch.allclose(ours.double(), theirs, atol=1e-6)
+
+
+def test_zero_losses_of_absent_tasks_are_left_out_as_the_authors_do():
+    # task b is absent (zero loss) at the first step and at steps 4 and 5: its normaliser is its
+    # first non-zero loss and its slope is fitted to its non-zero entries only; before, the zero
+    # normaliser made every weight NaN after the warm-up
+    g = torch.Generator().manual_seed(5)
+    n, warmup = 10, 2
+    losses = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 0.3 + 0.75).cumprod(0)
+    losses[[0, 4, 5], 1] = 0.0
+    coba = ConvergenceBalancer(["a", "b"], warmup, history_length=n, tau=5.0)
+    first = torch.stack([losses[0, 0], losses[1, 1]])  # the first non-zero loss of each task
+    normalised = losses / first
+    slopes: list = []
+    totals: list = []
+    for i in range(n):
+        ours = step(coba, losses[i].float().tolist())
+        assert torch.isfinite(ours).all()
+        if i < warmup:
+            continue
+        theirs, _ = authors_weights(normalised[: i + 1], slopes, totals, 5.0)
+        assert torch.allclose(ours.double(), theirs, atol=1e-6), i
+
+
+def test_the_log_transform_keeps_the_slower_task_favoured_below_one():
+    # losses below 1 have negative logs: normalised by the first log-loss itself the curves were
+    # mirrored and the faster task got the larger weight; by its absolute value they are not
+    def last_weights(transform: str, scale: float) -> torch.Tensor:
+        coba = mt.balance.get("coba", ["fast", "slow"], warmup_steps=2, history_length=6)
+        coba.configure(loss_transform=transform)
+        weights = torch.zeros(2)
+        for s in range(8):
+            x = torch.nn.Parameter(torch.ones(2))
+            values = (scale * 0.5 * 0.8**s, scale * 0.5 * 0.97**s)
+            weights = coba.backward({"fast": values[0] * x[0], "slow": values[1] * x[1]}).weights
+        return weights
+
+    for scale in (1.0, 10.0):  # log-losses below and above 0
+        raw, logged = last_weights("none", scale), last_weights("log", scale)
+        assert raw[1] > raw[0] and logged[1] > logged[0], (scale, raw, logged)
 
 
 def test_the_floor_lifts_small_weights_as_the_authors_do():

@@ -40,19 +40,29 @@ measure fitting rather than generalisation, so CoBa here balances the convergenc
 training objectives and cannot detect overfitting (a diverging validation loss) as the paper
 does. Other differences from the code: it divides the validation losses by
 ``valid_task_loss_begining`` (by its name the losses at the start of training; the code that
-sets it was not available), here by the first step's training losses; its ACS window, by an
-indexing quirk, spans :math:`N - W + 1` slopes once :math:`t > N`, here the last :math:`N`; it
-skips zero losses (tasks absent from a validation batch), which cannot occur here; it can update
-every ``coba_update_interval`` steps, here every step; the denominators (sums of absolute slopes)
-are floored at :math:`10^{-30}`, so constant losses give uniform scores instead of NaN.
+sets it was not available), here by each task's first non-zero training loss; its ACS window, by
+an indexing quirk, spans :math:`N - W + 1` slopes once :math:`t > N`, here the last :math:`N`;
+it can update every ``coba_update_interval`` steps, here every step; the denominators (sums of
+absolute slopes) are floored at :math:`10^{-30}`, so constant losses give uniform scores instead
+of NaN.
 
-State: the first losses, the window of normalised losses, the window of slopes (buffers) and the
+**Zero losses.** A task absent from a batch (a mixed-task batch, or no label for it) has a zero
+loss. As the authors' code does with its validation losses, such losses are left out: a task's
+normaliser is its first non-zero loss, and each slope is fitted to the non-zero entries of the
+window only, placed one after the other (the code's ``y = y[y != 0]``); a task with fewer than
+two of them in the window has slope 0, and the largest normalised loss of a step is taken over
+the tasks present.
+
+State: the first losses, the window of normalised losses and which of them were present, the
+window of slopes (buffers) and the
 full history of :math:`\beta` with the step count (extra state) are in ``state_dict()``, so a run
 resumes exactly. The history of :math:`\beta` grows by one float64 per step. Everything is
 computed from rank-averaged losses, so the weights are the same on every rank and the update is
 that of the union batch under ``torch.distributed``. With ``loss_transform="log"`` CoBa is
-applied to :math:`\log L_i`; the normalisation then divides by the first log-loss, which must
-be non-zero.
+applied to :math:`\log L_i`; the normalisation divides by the absolute value of the first
+(non-zero) log-loss, so that a falling log-loss keeps a negative slope when the losses are below
+1 (dividing by a negative first value would mirror the curves and give the larger weight to the
+faster task).
 """
 
 from __future__ import annotations
@@ -70,15 +80,20 @@ from manytask.errors import ConfigError
 _DENOM_FLOOR = 1e-30
 
 
-def _slopes(window: Tensor) -> Tensor:
-    """Least-squares slopes of the columns of ``window`` (rows are consecutive steps)."""
-    n = window.shape[0]
-    if n < 2:
-        return torch.zeros(window.shape[1:], dtype=window.dtype, device=window.device)
-    x = torch.arange(n, dtype=window.dtype, device=window.device)
-    x = x - x.mean()
-    centred = window - window.mean(dim=0)
-    return (x @ centred) / x.square().sum()
+def _slopes(window: Tensor, present: Tensor) -> Tensor:
+    """Least-squares slopes of the columns of ``window`` (rows are consecutive steps) over the
+    entries marked in ``present`` (0/1), placed at ``x = 0, 1, …`` in their order (absent
+    entries are dropped, as the authors' ``fit_window_slope`` drops zero losses); 0 for a column
+    with fewer than two entries."""
+    x = (present.cumsum(dim=0) - 1) * present
+    count = present.sum(dim=0)
+    enough = count >= 2
+    count = count.clamp_min(1)
+    dx = (x - (x * present).sum(dim=0) / count) * present
+    dy = window - (window * present).sum(dim=0) / count
+    spread = dx.square().sum(dim=0)
+    slopes = (dx * dy).sum(dim=0) / torch.where(enough, spread, torch.ones_like(spread))
+    return torch.where(enough, slopes, torch.zeros_like(slopes))
 
 
 @registry.register(
@@ -99,6 +114,7 @@ class ConvergenceBalancer(LossWeighting):
 
     initial: Tensor
     history: Tensor
+    present: Tensor
     slope_history: Tensor
 
     def __init__(
@@ -121,8 +137,10 @@ class ConvergenceBalancer(LossWeighting):
         self.history_length = int(history_length)
         self.tau = float(tau)
         k, n = self.num_tasks, self.history_length
-        self.register_buffer("initial", torch.ones(k, dtype=torch.float64))
+        # each task's normaliser, its first non-zero loss (0 until it has one)
+        self.register_buffer("initial", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("history", torch.zeros(n, k, dtype=torch.float64))
+        self.register_buffer("present", torch.zeros(n, k, dtype=torch.float64))  # non-zero losses
         self.register_buffer("slope_history", torch.zeros(n, k, dtype=torch.float64))
         self._steps = 0
         self._slopes_seen = 0
@@ -149,15 +167,25 @@ class ConvergenceBalancer(LossWeighting):
     def weights(self, losses: Tensor) -> Tensor:
         values = losses.detach().to(torch.float64)
         self._steps += 1
-        if self._steps == 1:
-            self.initial.copy_(values)
-        self._push(self.history, values / self.initial)
+        nonzero = values != 0  # a task absent from the batch has a zero loss (module docstring)
+        self.initial.copy_(torch.where((self.initial == 0) & nonzero, values.abs(), self.initial))
+        present = nonzero & (self.initial != 0)
+        scale = torch.where(present, self.initial, torch.ones_like(self.initial))
+        self._push(self.history, torch.where(present, values / scale, torch.zeros_like(values)))
+        self._push(self.present, present.to(torch.float64))
         k = self.num_tasks
         if self._steps <= self.warmup_steps:
             return torch.full_like(losses, 1.0 / k)
-        window = self.history[self.history_length - min(self._steps, self.history_length) :]
-        alpha = _slopes(window)
-        beta = _slopes(window.max(dim=1).values.unsqueeze(1))[0]
+        start = self.history_length - min(self._steps, self.history_length)
+        window, mask = self.history[start:], self.present[start:]
+        alpha = _slopes(window, mask)
+        # the slope of the largest normalised loss of each step, over the steps with any task
+        largest = torch.where(mask > 0, window, torch.full_like(window, -torch.inf)).max(dim=1)
+        any_present = (mask > 0).any(dim=1, keepdim=True)
+        peaks = torch.where(
+            any_present, largest.values.unsqueeze(1), torch.zeros_like(largest.values.unsqueeze(1))
+        )
+        beta = _slopes(peaks, any_present.to(torch.float64))[0]
         self._push(self.slope_history, alpha)
         betas = self._append_total_slope(beta)
 
