@@ -29,6 +29,7 @@ from manytask.merge import (
     tensor_seed,
 )
 from manytask.merge.report import tensor_stats
+from manytask.registry import get as registry_get
 
 
 class ScaledSum(MergeRule):
@@ -76,6 +77,30 @@ def test_merge_state_dicts_applies_the_rule_per_tensor():
     assert list(merged) == ["w", "b"]
     assert torch.equal(merged["w"], torch.tensor([[1.5, 1.0], [3.0, 4.5]]))
     assert torch.equal(merged["b"], torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("name", ["metagpt", "emr", "model_stock"])
+def test_one_rule_object_serves_several_merges(name):
+    # model-wide sums (MetaGPT's norms, EMR's masses) and per-tensor records (Model Stock's
+    # ratios) start afresh with every merge: before, a second merge added to the first's
+    g = torch.Generator().manual_seed(3)
+
+    def models(scale: float) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        base = {"w": torch.randn(4, 5, generator=g), "b": torch.randn(5, generator=g)}
+        tasks = [
+            {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+            for _ in range(3)
+        ]
+        return base, tasks
+
+    first, second = models(1.0), models(0.1)
+    rule = registry_get("merge_rule", name)()
+    merge_state_dicts(first[0], first[1], rule, extras={})
+    again = merge_state_dicts(second[0], second[1], rule, extras={})
+    fresh_rule = registry_get("merge_rule", name)()
+    fresh = merge_state_dicts(second[0], second[1], fresh_rule, extras={})
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert rule.summary() == fresh_rule.summary()
 
 
 def test_output_keeps_each_tensors_dtype_unless_asked_and_inputs_are_untouched():

@@ -739,6 +739,7 @@ def _stream_merge(
         if on_tensor is not None:
             on_tensor(done, steps)
 
+    rule.begin()
     with torch.no_grad():
         if rule.two_pass:
             start = time.perf_counter()

@@ -81,6 +81,11 @@ class MergeRule:
         with the same result. False by default."""
         return False
 
+    def begin(self) -> None:
+        """Called by the engine before a merge's first tensor: forget what an earlier merge
+        left (model-wide sums, per-tensor records), so that one rule object can serve several
+        merges. Nothing by default."""
+
     def observe(self, name: str, base: Tensor | None, models: Sequence[Tensor]) -> None:
         """First pass of a two-pass rule: accumulate what the rule needs from tensor ``name``."""
         raise NotImplementedError(f"{type(self).__name__} is not a two-pass rule")

@@ -14,9 +14,11 @@ Granularity: per tensor (the paper's "layer"); the authors' code ranks along the
 each tensor (per row of a matrix). Counts round to the nearest integer, so a tensor smaller
 than :math:`1/(2\gamma)` entries loses no outlier.
 
-``breadcrumbs_ties`` is the documented variant of mergekit (not in the paper): the same masks,
-then TIES's sign election and disjoint mean (:mod:`manytask.merge.methods.signs`),
-:math:`\theta = \theta_0 + \lambda \tau_m`.
+``breadcrumbs_ties`` follows mergekit's variant of that name (not in the paper): the same
+masks, then TIES's sign election and disjoint mean (:mod:`manytask.merge.methods.signs`),
+:math:`\theta = \theta_0 + \lambda \tau_m`. mergekit adds the agreeing entries instead unless
+its ``normalize`` is set (its default for this variant is the sum); with ``normalize: true`` it
+computes this rule.
 
 Defaults: ``density`` :math:`d = 0.15`, ``gamma`` :math:`\gamma = 0.006` and, for
 ``breadcrumbs``, ``scale`` :math:`\lambda = 0.2`: the point the authors' released

@@ -18,7 +18,8 @@ registered:
   :math:`\theta = \theta_0 + \lambda \tau_m`. By default the random drop replaces TIES's
   magnitude trim (the common reading, as in mergekit's ``dare_ties``); ``trim_density < 1``
   also applies TIES's top-k trim to the rescaled vectors, the order the authors' code uses
-  (DARE first, then the full TIES-Merging).
+  (DARE first, then the full TIES-Merging). mergekit's ``dare_ties`` adds the agreeing entries
+  by default and takes their mean, as here, with ``normalize: true``.
 
 Randomness: the mask is drawn from the engine's per-tensor generator only, entry by entry (the
 task models' draws of one entry together), so a seed gives the same merge on any number of

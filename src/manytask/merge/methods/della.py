@@ -13,7 +13,8 @@ mean of the agreeing entries, :math:`\theta = \theta_0 + \lambda \tau_m`.
 
 ``della_linear`` keeps the Drop and Fuse steps and skips Elect (the name mergekit gives this
 variant): :math:`\theta = \theta_0 + \lambda \sum_t w_t \tilde\tau_t / \sum_t w_t`, the
-weighted mean the authors' code fuses with when election is off (its ``*_noelect`` methods).
+weighted mean the authors' code fuses with when election is off (its ``*_noelect`` methods);
+mergekit's ``della_linear`` takes the weighted sum unless its ``normalize`` is set.
 
 Granularity: ranks are taken per row (a matrix's rows; a higher-order tensor is cut along its
 first axis; a vector is one row), as in the authors' code. Randomness comes only from the

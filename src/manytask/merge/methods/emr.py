@@ -1,6 +1,6 @@
 r"""EMR-Merging: one unified task vector plus, per task, a mask and a rescaler.
 
-Huang, Ye, Chen, Li, Zhou and Ouyang, "EMR-Merging: Tuning-Free High-Performance Model
+Huang, Ye, Chen, He, Yue and Ouyang, "EMR-Merging: Tuning-Free High-Performance Model
 Merging", arXiv:2405.17461, Section 3 (Elect, Mask, Rescale):
 
 .. math::
@@ -70,6 +70,9 @@ class Emr(TaskVectorRule):
     def __init__(self) -> None:
         self.task_mass: Tensor | None = None
         self.masked_mass: Tensor | None = None
+
+    def begin(self) -> None:
+        self.task_mass = self.masked_mass = None
 
     def observe(self, name: str, base: Tensor | None, models: Sequence[Tensor]) -> None:
         _, vectors = base_and_vectors(base, models)

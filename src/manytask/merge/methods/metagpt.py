@@ -41,6 +41,9 @@ class MetaGPT(TaskVectorRule):
     def __init__(self) -> None:
         self.squared_norms: Tensor | None = None
 
+    def begin(self) -> None:
+        self.squared_norms = None
+
     def observe(self, name: str, base: Tensor | None, models: Sequence[Tensor]) -> None:
         _, vectors = base_and_vectors(base, models)
         flat = vectors.reshape(len(models), -1)

@@ -55,6 +55,9 @@ class ModelStock(TaskVectorRule):
     def __init__(self) -> None:
         self.ratios: dict[str, float] = {}
 
+    def begin(self) -> None:
+        self.ratios = {}
+
     def merge_vectors(
         self, name: str, base: Tensor, vectors: Tensor, generator: torch.Generator
     ) -> Tensor:
