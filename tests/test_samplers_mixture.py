@@ -1,6 +1,7 @@
 """Mixed-task batches from single-task datasets: rows in the sampler's order, the other tasks'
 targets missing (−1 / NaN), per-task losses equal to those on each task's own rows, every
-balancer trains on them, and the Trainer takes a mixture as its training data."""
+balancer trains on them (all but the four documented ones also on batches without a task), and
+the Trainer takes a mixture as its training data."""
 
 from __future__ import annotations
 
@@ -115,6 +116,32 @@ def test_every_balancer_trains_on_mixed_batches(name, mixture):
         grads = [p.grad for p in model.shared_parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+#: methods that read an absent task's zero loss (and zero gradient) as a real value and take
+#: no step, or almost none, on a batch without that task (docs/data.md, "Mixed batches")
+STALL_WITHOUT_A_TASK = {"gls", "mgda", "famo", "excess_mtl"}
+
+
+@pytest.mark.parametrize("name", sorted(set(registry.names("balancer")) - STALL_WITHOUT_A_TASK))
+def test_balancers_step_on_batches_without_one_task(name, mixture):
+    # every third batch has no row of "score": its loss is a zero with a graph
+    torch.manual_seed(0)
+    model = mt.nn.SharedBottom(mt.nn.MLPEncoder((4,), [8]), TASKS)
+    balancer = mt.balance.get(name, tasks=TASKS.names, **params_for(name))
+    with_all, without_score = [0, 1, 6, 7, 10, 11], [0, 1, 2, 10, 11, 12]  # global indices
+    for step in range(9):
+        batch = mixture.batch(torch.tensor(without_score if step % 3 == 0 else with_all))
+        model.zero_grad(set_to_none=True)
+        outputs, features = model(batch.inputs, return_features=True)
+        balancer.backward(
+            TASKS.losses(outputs, batch.targets),
+            shared=list(model.shared_parameters()),
+            features=features,
+        )
+        grads = [p.grad for p in model.shared_parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), step
+        assert sum(float(g.norm()) for g in grads) > 1e-5, step
 
 
 def test_the_trainer_trains_on_a_mixture(mixture):

@@ -16,6 +16,10 @@ Defaults: ``temperature = 2`` (the paper's value). The epoch means are accumulat
 during the epoch; the Trainer calls :meth:`end_epoch`; a custom loop must call it at the end of
 each epoch, or DWA stays at equal weights. The running sums and the last two epoch means are
 buffers, so a resumed run continues identically, mid-epoch included.
+
+The ratio reads "slow" only for positive losses: with ``loss_transform="log"`` and losses below
+1 both epoch means are negative, a falling loss gives :math:`r_k > 1`, and the task whose loss
+falls faster gets the larger weight (a log-loss crossing 0 gives an unbounded ratio).
 """
 
 from __future__ import annotations

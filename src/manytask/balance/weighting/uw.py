@@ -20,6 +20,10 @@ loss, :math:`e^{s_i} = L_i`, i.e. each weighted loss tends to one half.
 Defaults: ``init_log_var = 0`` (:math:`\sigma_i = 1`, all weights ½ at the start; the paper
 gives no initial value). The :math:`s_i` are parameters of the balancer: pass
 ``balancer.parameters()`` to the optimizer (the Trainer does).
+
+The losses must be positive: with ``loss_transform="log"`` that means losses above 1, since for
+:math:`\log L_i < 0` the gradient :math:`\tfrac12(1 - e^{-s_i}\log L_i)` of :math:`s_i` stays
+positive and :math:`s_i` runs to :math:`-\infty` (its weight to infinity).
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ are used (the authors' code, ``torch.clamp(lambdas_raw, 0, 1)``), so the returne
 Defaults (the paper's experimental setup and the authors' code, github.com/EnnengYang/AdaMerging,
 ``src/main_task_wise_adamerging.py`` / ``main_layer_wise_adamerging.py``): ``init = 0.3``
 (``prior = 0.3``), ``lr = 1e-3`` with Adam's betas (0.9, 0.999), ``steps = 500`` (``epochs =
-500``). The batch size is the data's (the authors use 16). ``seed`` is unused: no random number
-is drawn, the data's order decides.
+500``). The batch size is the data's: the authors' loop takes two batches of 16 per task and
+step and sums their mean entropies, which (Adam being blind to the factor 2) is one batch of 32
+here. ``seed`` is unused: no random number is drawn, the data's order decides.
 
 With ``cache=FOLDER`` the learned coefficients (and the entropy of every step) are stored by
 :mod:`manytask.merge.fitted.cache`, keyed by the settings (``steps``, ``lr``, ``init``), the

@@ -25,7 +25,10 @@ buffers (BatchNorm statistics) are averaged with the weights :math:`\lambda_i`. 
 Defaults: ``num_examples = 4096`` (the reference implementation's ``--n_examples``,
 github.com/mmatena/model_merging, ``scripts/compute_fisher.py``); ``floor`` ε ``= 1e-6`` (its
 ``--fisher_floor``, ``scripts/merge_and_evaluate.py``; it keeps the quotient defined where every
-model's Fisher vanishes, which then falls back to the plain weighted average); equal weights
+model's Fisher vanishes, which then falls back to the plain weighted average). The floor applies
+to every model's Fisher, as the reference does with ``--favor_target_model=False``; its default
+floors only the first model's, so that where every Fisher vanishes it keeps that model's value,
+a choice for merging into one target model rather than a symmetric merge; equal weights
 :math:`\lambda_i` (the formula is invariant to their scale); ``normalize = False`` (the formula as
 written; ``True`` divides each :math:`\lambda_i` by the L2 norm of model ``i``'s whole Fisher, the
 reference implementation's ``--normalize_fishers``); ``labels = "exact"`` (the reference

@@ -30,7 +30,9 @@ a layer contributes :math:`G_i = 0` there. The inverse is a pseudo-inverse taken
 it equals the formula when the sum is invertible, and keeps the average :math:`\bar W` along the
 input directions no task's data reach (our choice, because the data say nothing there).
 Linear layers whose ``forward`` is bypassed (``nn.MultiheadAttention`` calls its ``out_proj``
-weights functionally) are averaged.
+weights functionally) are averaged, and so are layers that are not ``nn.Linear``: the authors'
+code also regresses ``nn.Conv1d`` and Hugging Face's ``Conv1D`` (GPT-2's projections, whose
+weight is stored ``(in, out)``), which manytask averages.
 
 Defaults: ``num_examples = 1000`` (ours: the authors' released configurations set
 ``gram_n_example: 1000`` in github.com/bloomberg/dataless-model-merging ``src/configs/exps``, but
