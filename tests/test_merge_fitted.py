@@ -228,12 +228,18 @@ def single_linear(weights: list[Tensor]):
     return factory
 
 
+def linear_tasks(seed: int, tasks: int, rows: int):
+    """Random float64 ``(2, 3)`` weights of ``tasks`` models, their state dicts and ``rows``
+    inputs of each."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(tasks)]
+    xs = [torch.randn(rows, 3, generator=g, dtype=torch.float64) for _ in range(tasks)]
+    return ws, xs, [{"weight": w} for w in ws]
+
+
 def test_regmean_with_alpha_one_is_the_least_squares_fit_of_every_models_outputs():
     # min_W Σ_i ||X_i Wᵀ - X_i W_iᵀ||²: stack the rows and solve by least squares
-    g = torch.Generator().manual_seed(3)
-    ws = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3)]
-    xs = [torch.randn(10, 3, generator=g, dtype=torch.float64) for _ in range(3)]
-    models = [{"weight": w} for w in ws]
+    ws, xs, models = linear_tasks(3, tasks=3, rows=10)
     merged = RegMean(alpha=1.0).fit(single_linear(ws), models, [[x] for x in xs])["weight"]
     x_all = torch.cat(xs)
     y_all = torch.cat([x @ w.T for x, w in zip(xs, ws, strict=True)])
@@ -243,11 +249,8 @@ def test_regmean_with_alpha_one_is_the_least_squares_fit_of_every_models_outputs
 
 def test_regmean_weighs_every_task_alike_however_many_rows_it_gives():
     # each Gram is the mean over its task's rows (the authors' code): task 1 reading its rows
-    # four times over, or a quarter of task 0's rows twice, changes nothing
-    g = torch.Generator().manual_seed(5)
-    ws = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(2)]
-    xs = [torch.randn(12, 3, generator=g, dtype=torch.float64) for _ in range(2)]
-    models = [{"weight": w} for w in ws]
+    # four times over changes nothing (summed Grams would weigh it four times as much)
+    ws, xs, models = linear_tasks(5, tasks=2, rows=12)
     reference = RegMean(alpha=0.5).fit(single_linear(ws), models, [[x] for x in xs])["weight"]
     repeated = [[xs[0]], [xs[1]] * 4]
     merged = RegMean(alpha=0.5).fit(single_linear(ws), models, repeated)["weight"]

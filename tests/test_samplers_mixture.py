@@ -97,23 +97,32 @@ def params_for(name: str) -> dict[str, object]:
     return {"weights": [1.0, 2.0, 0.5]} if name == "constant" else {}
 
 
-@pytest.mark.parametrize("name", registry.names("balancer"))
-def test_every_balancer_trains_on_mixed_batches(name, mixture):
+def shared_gradients(model: mt.nn.SharedBottom, balancer, batch) -> list[torch.Tensor]:
+    """The shared parameters' gradients after the balancer's backward on ``batch``."""
+    model.zero_grad(set_to_none=True)
+    outputs, features = model(batch.inputs, return_features=True)
+    balancer.backward(
+        TASKS.losses(outputs, batch.targets),
+        shared=list(model.shared_parameters()),
+        features=features,
+    )
+    return [p.grad for p in model.shared_parameters() if p.grad is not None]
+
+
+def model_and_balancer(name: str):
     torch.manual_seed(0)
     model = mt.nn.SharedBottom(mt.nn.MLPEncoder((4,), [8]), TASKS)
-    balancer = mt.balance.get(name, tasks=TASKS.names, **params_for(name))
+    return model, mt.balance.get(name, tasks=TASKS.names, **params_for(name))
+
+
+@pytest.mark.parametrize("name", registry.names("balancer"))
+def test_every_balancer_trains_on_mixed_batches(name, mixture):
+    model, balancer = model_and_balancer(name)
     sampler = build_sampler("round_robin", mixture.sizes, batch_size=6, seed=0)
     for indices in sampler:
         batch = mixture.batch(indices)
         assert set(batch.task_ids.tolist()) == {0, 1, 2}  # every batch mixes all three tasks
-        model.zero_grad(set_to_none=True)
-        outputs, features = model(batch.inputs, return_features=True)
-        balancer.backward(
-            TASKS.losses(outputs, batch.targets),
-            shared=list(model.shared_parameters()),
-            features=features,
-        )
-        grads = [p.grad for p in model.shared_parameters() if p.grad is not None]
+        grads = shared_gradients(model, balancer, batch)
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert any(float(g.abs().sum()) > 0 for g in grads)
 
@@ -126,20 +135,11 @@ STALL_WITHOUT_A_TASK = {"gls", "mgda", "famo", "excess_mtl"}
 @pytest.mark.parametrize("name", sorted(set(registry.names("balancer")) - STALL_WITHOUT_A_TASK))
 def test_balancers_step_on_batches_without_one_task(name, mixture):
     # every third batch has no row of "score": its loss is a zero with a graph
-    torch.manual_seed(0)
-    model = mt.nn.SharedBottom(mt.nn.MLPEncoder((4,), [8]), TASKS)
-    balancer = mt.balance.get(name, tasks=TASKS.names, **params_for(name))
+    model, balancer = model_and_balancer(name)
     with_all, without_score = [0, 1, 6, 7, 10, 11], [0, 1, 2, 10, 11, 12]  # global indices
     for step in range(9):
         batch = mixture.batch(torch.tensor(without_score if step % 3 == 0 else with_all))
-        model.zero_grad(set_to_none=True)
-        outputs, features = model(batch.inputs, return_features=True)
-        balancer.backward(
-            TASKS.losses(outputs, batch.targets),
-            shared=list(model.shared_parameters()),
-            features=features,
-        )
-        grads = [p.grad for p in model.shared_parameters() if p.grad is not None]
+        grads = shared_gradients(model, balancer, batch)
         assert grads and all(torch.isfinite(g).all() for g in grads), step
         assert sum(float(g.norm()) for g in grads) > 1e-5, step
 

@@ -13,7 +13,9 @@ Models", arXiv:2306.01708, Section 3 and Algorithm 1:
 with :math:`A` the tasks whose trimmed entry is non-zero and has the elected sign
 (:mod:`manytask.merge.methods.signs`). Granularity: the paper keeps the top-k of each task
 vector flattened over the whole model; streaming one tensor at a time, we keep the top-k of
-each tensor (every tensor keeps the same fraction).
+each tensor (every tensor keeps the same fraction). The count kept is :math:`k n` rounded to
+the nearest integer; the authors' code keeps every entry at least as large as its
+``kthvalue``, one more (401 of 2,000 at 20%).
 
 Defaults: ``density`` :math:`k = 0.2` (the top-20% the paper keeps, ``topk20`` in its released
 scripts); ``scale`` :math:`\lambda = 1` (the value the paper recommends when no validation set
