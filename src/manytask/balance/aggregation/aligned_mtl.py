@@ -51,7 +51,8 @@ from manytask.errors import ConfigError
 
 ScaleMode = Literal["min", "median", "rmse"]
 
-# eigenvalues at or below T · RANK_EPS · λ_max are treated as zero (the authors' tolerance)
+# eigenvalues at or below T · RANK_EPS · λ_max are treated as zero (the authors' tolerance; as
+# in their code, a gradient more than about 1,500× shorter than the longest falls below it)
 
 
 def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:

@@ -21,7 +21,9 @@ arXiv:2503.01874, Section 4. Two parts:
 
 The order of the task models is the pruning priority (the first keeps its own top entries).
 When the quotas add up to more than a block (:math:`T n > m`), later tasks find fewer than
-:math:`n` free entries in a block and keep only those. A trailing block of :math:`r < m`
+:math:`n` free entries in a block and keep only those (the authors' 7B script, for two models with
+:math:`n \ge m/2`, lets the second also keep half a block of the first's positions; manytask keeps
+the masks disjoint). A trailing block of :math:`r < m`
 entries keeps its :math:`\operatorname{round}(n r / m)` largest (our choice: the authors' code
 leaves it empty, which would drop every tensor smaller than :math:`m`, e.g. biases and norms).
 

@@ -28,8 +28,11 @@ threads, and the engine may merge a large tensor a block of rows at a time with 
 Defaults: ``density`` :math:`d = 0.8` (drop rate 0.2, the authors' example for merging WizardLM
 with WizardMath in the README of their released code; the paper shows single models keep their
 abilities at drop rates of 0.9 and more, so lower densities are worth trying); ``scale``
-:math:`\lambda = 1` (the scaling coefficient of the authors' task-arithmetic example);
-``trim_density = 1`` (no extra trim, our choice); weights all 1.
+:math:`\lambda = 1` (the scaling coefficient of the authors' task-arithmetic example, which
+has no drop; their DARE example combines the drop with average merging, :math:`\lambda = 1/T`,
+so the two defaults together are not one of the authors' configurations, and with ``T`` models
+they add ``T`` times that example's change); ``trim_density = 1`` (no extra trim, our choice);
+weights all 1.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ engine's per-tensor generator.
 
 Defaults, from the command in the authors' released README: drop rate 0.3 (``density``
 :math:`d = 0.7`), window ``epsilon`` :math:`\epsilon = 0.14` (keep probabilities from 0.63 to
-0.77) and ``scale`` :math:`\lambda = 1.1`; weights all 1.
+0.77) and ``scale`` :math:`\lambda = 1.1`; weights all 1. ``epsilon`` is the whole window, as
+the paper's :math:`\epsilon` and the authors' ``window_size``; mergekit's ``epsilon`` is half of
+it, so a mergekit config carried over keeps half the window unless its value is doubled.
 """
 
 from __future__ import annotations

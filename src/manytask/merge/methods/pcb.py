@@ -31,7 +31,8 @@ vector. Its index arithmetic keeps one entry fewer than :math:`r d` and clips on
 quantile; we keep exactly :math:`K` and clip at the quantiles.
 
 Defaults: ``ratio`` :math:`r = 0.1` and ``clip`` :math:`c = 10^{-4}` (the defaults of the
-released ``PCB_merge``; its scripts use :math:`r \in \{0.05, 0.1, 0.2\}`); ``scale``
+released ``PCB_merge``; its scripts use :math:`r \in \{0.05, 0.1, 0.2\}`, and its language-model
+experiments, ``task_para_att_merge``, clip at :math:`0.01`); ``scale``
 :math:`\lambda = 1` (our choice: :math:`\tau_m` is a weighted mean, as in TIES; the released
 code searches per-task :math:`\lambda` in [0.8, 1.3] starting from 1 on validation data).
 """
