@@ -55,6 +55,25 @@ def test_second_step_plain_by_hand():
     assert torch.allclose(weights, torch.tensor([0.397922, 0.602078]), atol=1e-6)
 
 
+def test_a_task_absent_from_the_batch_is_left_out():
+    # task c is absent at step 2 (zero loss): the weights are normalised over a and b, and the
+    # logit update is the two-task one, c's δ being the z-weighted mean of a's and b's (its own
+    # term vanishes); before, c's 1/ε took nearly all the weight
+    three = FAMO(["a", "b", "c"], logit_optimizer="sgd")
+    step(three, [3.0, 1.0, 2.0])
+    weights, _ = step(three, [1.5, 1.0, 0.0])
+    # z = (⅓, ⅓, ⅓); δ = (log 2, 0, c) with c = (log 2)/2: zᵀδ = (log 2)/2,
+    # g = ⅓(log2/2, −log2/2, 0): the two-task step with z scaled by ⅔
+    g = math.log(2) / 6
+    assert torch.allclose(three.task_logits, torch.tensor([-0.025 * g, 0.025 * g, 0.0]))
+    z = torch.softmax(three.task_logits, dim=0)
+    expected = torch.stack([z[0] / 1.5, z[1] / 1.0, torch.tensor(0.0)])
+    assert torch.allclose(weights, expected / expected.sum(), atol=1e-7)
+    assert weights[2] == 0 and weights[:2].sum() > 0.999
+    step(three, [1.2, 0.9, 1.8])  # c comes back: no δ for it from the step it missed
+    assert torch.isfinite(three.task_logits).all()
+
+
 def test_decay_pulls_the_logits_back():
     # with equal decreases δ = (c, c) the softmax gradient vanishes; only γ ξ remains
     balancer = FAMO(["a", "b"], gamma=0.5, logit_optimizer="sgd", lr=0.1)

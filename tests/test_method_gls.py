@@ -29,6 +29,16 @@ def test_weights_and_gradient_by_hand():
     assert torch.allclose(p.grad, torch.tensor([4 * r3 / 3, r3 / 6]))
 
 
+def test_a_task_absent_from_the_batch_is_left_out():
+    # L = (3, 0, 1): the zero is an absent task; G and T are those of the tasks present,
+    # G = √3, w = (√3/6, 0, √3/2), as for the two tasks alone (the product would stop all)
+    r3 = math.sqrt(3)
+    weights = mt.balance.get("gls", ["a", "b", "c"]).weights(torch.tensor([3.0, 0.0, 1.0]))
+    assert torch.allclose(weights, torch.tensor([r3 / 6, 0.0, r3 / 2]))
+    none = mt.balance.get("gls", ["a", "b"]).weights(torch.zeros(2))
+    assert torch.equal(none, torch.zeros(2))
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_equals_the_gradient_of_the_geometric_mean(seed):
     # autograd of (Π L)^(1/T) on the same float64 linear losses; manytask's weights are float32

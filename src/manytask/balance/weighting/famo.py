@@ -45,6 +45,15 @@ the update, and no extra forward pass is paid. Step 1 has no previous loss and l
 :math:`\xi = 0` (equal :math:`z`). Consecutive steps across an epoch boundary are compared
 like any others.
 
+**Absent tasks.** A loss of exactly zero is a task absent from the batch (a mixed-task batch, or
+no label for it); FAMO assumes every task in every step, and such a loss would take nearly all
+of :math:`c` (its :math:`1/(L_i - b_i + \epsilon)` is :math:`10^8`), shrinking every other
+weight to about 1e-8. manytask leaves it out: the weights are normalised over the tasks present
+(weight 0 for the absent ones, whose loss has no gradient anyway), and the logit update uses
+the tasks present at both steps, the others taking the :math:`z`-weighted mean of their
+:math:`\delta`, so that only the decay :math:`\gamma\xi` moves their logits. With every task
+present this is the rule above.
+
 State: the logits, Adam's moments and the previous losses are buffers, the update count is
 extra state, so ``state_dict()`` resumes exactly. The weights and the logit update use only the
 rank-averaged losses, so every rank holds the same logits and the update is that of the union
@@ -136,6 +145,13 @@ class FAMO(LossWeighting):
     def _update_logits(self, losses: Tensor) -> None:
         delta = self._shifted_log(self.previous) - self._shifted_log(losses)
         z = torch.softmax(self.logits, dim=0)
+        # tasks absent at either step take the z-weighted mean δ of the others: their own term
+        # of z ⊙ (δ − zᵀδ) vanishes (module docstring, Absent tasks)
+        known = (losses != 0) & (self.previous != 0)
+        delta = torch.where(known, delta, 0.0)  # (an absent task's log may be NaN with b > 0)
+        mass = (z * known).sum()
+        mean = torch.where(mass > 0, (z * delta).sum() / mass.clamp_min(1e-30), 0.0)
+        delta = torch.where(known, delta, mean)
         grad = z * (delta - (z * delta).sum()) + self.gamma * self.logits
         self._updates += 1
         if self.logit_optimizer == "sgd":
@@ -158,8 +174,10 @@ class FAMO(LossWeighting):
         self._steps += 1
         self.previous.copy_(values)
         z = torch.softmax(self.logits, dim=0)
-        scaled = z / (values - self.min_losses + _EPS)
-        return (scaled / scaled.sum()).to(losses.dtype)
+        present = values != 0  # a zero loss: the task is absent (module docstring)
+        scaled = torch.where(present, z / (values - self.min_losses + _EPS), 0.0)
+        total = scaled.sum()
+        return (scaled / torch.where(total > 0, total, 1.0)).to(losses.dtype)
 
     @property
     def task_logits(self) -> Tensor:

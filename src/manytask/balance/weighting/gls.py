@@ -15,9 +15,12 @@ so GLS is the scale-invariant update :math:`\sum_i \nabla \log L_i` (``si``) mul
 :math:`G` is computed as :math:`\exp(\tfrac1T\sum_j \log L_j)`, which neither overflows nor
 underflows for many tasks as the plain product would. The weights are computed from the
 rank-averaged losses, so the update is exactly that of the union batch under
-``torch.distributed``. The losses must be positive (the paper's losses are); a zero loss makes
-the true gradient infinite, so values are floored at the smallest normal float32
-(:math:`1.2\times10^{-38}`) to keep the weights finite. With ``loss_transform="log"`` the
+``torch.distributed``. The losses must be positive (the paper's losses are). A loss of exactly
+zero is a task absent from the batch (a mixed-task batch, or no label for it): it would make
+:math:`G` zero and stop every task, so such tasks are left out and :math:`G` and :math:`T` are
+taken over the tasks present (weight 0 for the absent ones, whose loss has no gradient anyway).
+Positive values are floored at the smallest normal float32 (:math:`1.2\times10^{-38}`) to keep
+the weights finite. With ``loss_transform="log"`` the
 geometric mean is taken of :math:`\log L_i`, which then must all be positive (:math:`L_i > 1`).
 
 LibMTL 1.1.5's ``GLS`` back-propagates the same objective (its gradients agree with these), but
@@ -51,5 +54,8 @@ class GeometricLossStrategy(LossWeighting):
         super().__init__(tasks)
 
     def weights(self, losses: Tensor) -> Tensor:
-        log_losses = losses.clamp_min(_FLOOR).log()
-        return torch.exp(log_losses.mean() - log_losses) / self.num_tasks
+        present = losses != 0  # a zero loss: the task is absent from the batch (docstring)
+        count = present.sum().clamp_min(1).to(losses.dtype)
+        log_losses = torch.where(present, losses.clamp_min(_FLOOR), 1.0).log()
+        mean = (log_losses * present).sum() / count
+        return torch.where(present, torch.exp(mean - log_losses) / count, 0.0)
