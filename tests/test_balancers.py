@@ -152,6 +152,8 @@ def test_misuse_is_an_error():
         mt.balance.get("dwa", tasks=["a"], temp=3)
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         mt.balance.get("dwa", tasks=["a"], temperature=0)
+    with pytest.raises(ConfigError, match="init_log_var must be a finite number"):
+        mt.balance.get("uw", tasks=["a"], init_log_var=math.nan)
 
 
 def test_ew_and_uw_match_libmtl():

@@ -23,15 +23,16 @@ log-losses :math:`\delta_i = \log(L_i^{\text{before}} - b_i + \epsilon) -
 
 Defaults: :math:`\beta` = ``lr = 0.025`` (the paper's and the official code's logit learning
 rate); :math:`\gamma` = ``gamma = 0.001``, the value of the paper's practical algorithm
-(Appendix, as reported by the torchjd maintainers, who compared it with the code) and of LibMTL's
-FAMO (the official repository's run scripts use 0.001 for QM9 and 0.01 for CelebA; its
-``weight_methods.py`` defaults to 1e-5); ``min_losses`` :math:`b = 0` (the code's default;
-the paper assumes :math:`L_i > b_i`); :math:`\epsilon = 10^{-8}` (code). ``logit_optimizer =
-"adam"``: the official code, with which the paper's results were obtained, updates :math:`\xi`
-with Adam (betas 0.9/0.999, eps 1e-8) whose weight decay (L2 added to the gradient) is
-:math:`\gamma`; ``"sgd"`` is the plain step of the paper's Algorithm 1 written above. The
-official code also clips the shared parameters' gradient norm to 1 (``max_norm``); that is not
-part of the weighting and in manytask is the Trainer's ``grad_clip`` option (off by default).
+(Appendix, as reported by the torchjd maintainers, who compared it with the code) and of
+LibMTL's FAMO (the official repository's run scripts use 0.001 for QM9 and 0.01 for CelebA; its
+``weight_methods.py`` defaults to 1e-5 and its stand-alone ``famo.py`` to 0.01); ``min_losses``
+:math:`b = 0` (the code's default; the paper assumes :math:`L_i > b_i`); :math:`\epsilon =
+10^{-8}` (code). ``logit_optimizer = "adam"``: the official code, with which the paper's results
+were obtained, updates :math:`\xi` with Adam (betas 0.9/0.999, eps 1e-8) whose weight decay (L2
+added to the gradient) is :math:`\gamma`; ``"sgd"`` is the plain step of the paper's Algorithm 1
+written above. The official code also clips the shared parameters' gradient norm to 1
+(``max_norm``); that is not part of the weighting and in manytask is the Trainer's ``grad_clip``
+option (off by default).
 
 **Deviation: the post-update loss.** The paper and its code measure :math:`L^{\text{after}}` by
 running the model again on the *same* batch after the optimizer step (an extra forward pass).

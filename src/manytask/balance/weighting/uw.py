@@ -28,6 +28,7 @@ positive and :math:`s_i` runs to :math:`-\infty` (its weight to infinity).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import LossWeighting
+from manytask.errors import ConfigError
 
 
 @registry.register(
@@ -50,6 +52,8 @@ class UncertaintyWeighting(LossWeighting):
 
     def __init__(self, tasks: Sequence[str], init_log_var: float = 0.0) -> None:
         super().__init__(tasks)
+        if not math.isfinite(init_log_var):
+            raise ConfigError(f"uw: init_log_var must be a finite number, got {init_log_var}")
         self.log_var = nn.Parameter(torch.full((self.num_tasks,), float(init_log_var)))
 
     def weights(self, losses: Tensor) -> Tensor:
