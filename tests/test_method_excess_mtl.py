@@ -50,6 +50,27 @@ def test_longer_warmup_averages_the_baseline():
     assert torch.allclose(balancer.baseline.float(), baseline, atol=1e-6)
 
 
+def test_a_task_absent_from_the_batch_is_left_out():
+    # b is absent (zero loss, zero gradient) at the warm-up step and at step 3: its baseline is
+    # its first estimate after the warm-up, and its weight does not move while it is absent;
+    # before, its zero baseline took all the weight and the method stopped whenever b was out
+    balancer = ExcessMTL(NAMES, robust_step_size=1.0)
+    absent, present = torch.tensor([1.0, 0.0]), torch.ones(2)
+    d1 = balancer.direction(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), absent)
+    assert torch.allclose(d1, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(balancer.baseline, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    # step 2: S = [[2, 0], [0, 4]]; Ê = (1/√2, 4/√4 = 2): a moves by Ê/E⁰ = 0.707107, b takes
+    # E⁰ = 2 and keeps its logit: α = 2 softmax(0.707107, 0)
+    d2 = balancer.direction(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), present)
+    ratio = math.exp(1.0 / math.sqrt(2.0))
+    alpha = torch.tensor([2 * ratio / (1 + ratio), 2 / (1 + ratio)])
+    assert torch.allclose(d2, alpha * torch.tensor([1.0, 2.0]), atol=1e-6)
+    assert torch.allclose(balancer.baseline.float(), torch.tensor([1.0, 2.0]), atol=1e-6)
+    d3 = balancer.direction(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), absent)
+    assert d3.norm() > 0.5  # a takes its step; b's weight stays where it was
+    assert torch.allclose(balancer.task_weights.sum(), torch.tensor(2.0, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("warmup", [1, 3])
 def test_matches_torchjd_with_the_same_warmup(seed, warmup):

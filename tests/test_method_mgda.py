@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from manytask.balance.aggregation.mgda import MGDA
+from manytask.balance.aggregation.mgda import MGDA, present_min_norm
+from manytask.balance.solvers.simplex import min_norm_weights
 from manytask.errors import ConfigError
 from tests.peers import libmtl_direction, manytask_direction, require, torchjd_direction
 
@@ -38,6 +39,33 @@ def test_three_tasks_by_hand():
     # (1, 0), (0, 1), (−1, −1): the hull holds 0, a Pareto-stationary point
     d = direction(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=F64))
     assert d.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("absent", [0, 1, 3])
+def test_an_absent_task_is_left_out_of_the_min_norm_problem(absent):
+    # a zero loss (a task absent from the batch) has a zero gradient, which as such is the
+    # min-norm point: the weights are those of the tasks present, the absent one gets 0
+    g = torch.Generator().manual_seed(absent)
+    jacobian = torch.randn(4, 6, generator=g, dtype=F64)
+    jacobian[absent] = 0.0
+    losses = torch.rand(4, generator=g, dtype=F64) + 0.5
+    losses[absent] = 0.0
+    ours = MGDA(list("abcd")).weights(jacobian @ jacobian.T, losses)
+    kept = [i for i in range(4) if i != absent]
+    rest = jacobian[kept]
+    alone = MGDA(list("abc")).weights(rest @ rest.T, losses[kept])
+    assert ours[absent] == 0
+    assert torch.allclose(ours[kept], alone, atol=1e-9)
+    assert (ours @ jacobian).norm() > 0.1
+
+
+def test_with_every_task_present_the_remapped_problem_is_the_problem():
+    # the path an accelerator takes (no host read to skip it) changes nothing then
+    g = torch.Generator().manual_seed(9)
+    jacobian = torch.randn(5, 7, generator=g, dtype=F64)
+    gramian = jacobian @ jacobian.T
+    remapped = present_min_norm(gramian, torch.ones(5, dtype=torch.bool), 300)
+    assert torch.allclose(remapped, min_norm_weights(gramian, 300), atol=1e-12)
 
 
 def test_normalisations_divide_each_gradient_first():

@@ -30,8 +30,16 @@ in LibMTL's repository):
 - The weights sum to :math:`T` as in the code (equal weighting's scale); the paper writes them
   on the simplex, which only rescales ``d`` by :math:`1/T`.
 - :math:`\hat E / (E^0 + 10^{-7})` (torchjd's guard; the code divides without one) and the
-  update in log space, so a task whose baseline was zero saturates the weights instead of
-  producing infinities.
+  update in log space.
+
+**Absent tasks.** A loss of exactly zero is a task absent from the batch (a mixed-task batch, or
+no label for it); its gradient and estimate are zero. The rule assumes every task in every step:
+a task absent from the warm-up got a zero baseline, whose ratio then took all the weight, so the
+method stopped whenever that task was absent again. manytask averages :math:`E^0_i` over the
+warm-up steps where task :math:`i` is present; a task absent from all of them (or whose estimates
+there were zero) takes its first non-zero estimate after the warm-up as its baseline, and its
+weight moves from the next step on; a task absent from a step keeps its weight on that step.
+With every task present this is the rule above.
 
 The accumulator :math:`S` is a ``(T, P)`` buffer allocated on the first step (its size depends
 on ``P``); ``state_dict()`` carries it and loading adopts its shape, so a resumed run continues
@@ -74,6 +82,7 @@ class ExcessMTL(JacobianAggregator):
     task_weights: Tensor
     baseline: Tensor
     warmup_sum: Tensor
+    warmup_count: Tensor
     step: Tensor
 
     permutation_invariant = True
@@ -93,6 +102,7 @@ class ExcessMTL(JacobianAggregator):
         self.register_buffer("task_weights", torch.ones(t, dtype=torch.float64))
         self.register_buffer("baseline", torch.zeros(t, dtype=torch.float64))
         self.register_buffer("warmup_sum", torch.zeros(t, dtype=torch.float64))
+        self.register_buffer("warmup_count", torch.zeros(t, dtype=torch.float64))  # steps present
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def configure(
@@ -133,15 +143,26 @@ class ExcessMTL(JacobianAggregator):
         summed = accumulator + squares
         excess = (squares / (summed + 1e-7).sqrt()).sum(dim=1).double()
         accumulator.copy_(torch.where(finite, summed, accumulator))
+        present = losses != 0  # an absent task has a zero loss (module docstring)
         warming = self.step < self.warmup_steps
         warmup_sum = self.warmup_sum + torch.where(warming, excess, torch.zeros_like(excess))
+        counted = warming & present
+        warmup_count = self.warmup_count + counted.to(self.warmup_count.dtype)
         last_warmup = self.step == self.warmup_steps - 1
-        baseline = torch.where(last_warmup, warmup_sum / self.warmup_steps, self.baseline)
-        logits = self.task_weights.log() + self.robust_step_size * excess / (baseline + 1e-7)
+        mean = warmup_sum / warmup_count.clamp_min(1.0)
+        baseline = torch.where(last_warmup, mean, self.baseline)
+        # after the warm-up, a task without a baseline (absent all along) takes its first
+        # non-zero estimate as its baseline, and its weight moves from the next step on
+        known = baseline > 0
+        late = ~warming & ~known & present & (excess > 0)
+        ratio = torch.where(known & present, excess / (baseline + 1e-7), 0.0)
+        logits = self.task_weights.log() + self.robust_step_size * ratio
+        baseline = torch.where(late, excess, baseline)
         updated = self.num_tasks * torch.softmax(logits, dim=0)
         weights = torch.where(warming, self.task_weights, updated)
         direction = weights.to(jacobian.dtype) @ jacobian
         self.warmup_sum.copy_(torch.where(finite, warmup_sum, self.warmup_sum))
+        self.warmup_count.copy_(torch.where(finite, warmup_count, self.warmup_count))
         self.baseline.copy_(torch.where(finite, baseline, self.baseline))
         self.task_weights.copy_(torch.where(finite, weights, self.task_weights))
         self.step.add_(finite.to(self.step.dtype))

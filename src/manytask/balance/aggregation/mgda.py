@@ -13,6 +13,14 @@ the paper's code: ``"none"`` (:math:`n_i = 1`), ``"l2"`` (:math:`\|g_i\|`), ``"l
 (:math:`L_i`) or ``"loss+"`` (:math:`L_i \|g_i\|`). The direction is a descent direction for
 every task (:math:`g_i^\top d \ge \|d\|^2 \ge 0`) and is zero at a Pareto-stationary point.
 
+**Absent tasks.** A loss of exactly zero is a task absent from the batch (a mixed-task batch, or
+no label for it); its gradient is zero, and a zero gradient is the min-norm point, so the rule
+as written takes no step on any batch that lacks a task. manytask takes the min-norm point of
+the tasks present instead: an absent task's row and column of the Gramian are those of the first
+task present (a copy of a gradient leaves the convex hull, and so its min-norm point, as it is),
+and the weight the solver gives the copy goes back to that task. With every task present nothing
+changes.
+
 Solver: closed form for two tasks; accelerated projected gradient otherwise
 (:func:`~manytask.balance.solvers.simplex.min_norm_weights`; more accurate than the paper's
 Frank–Wolfe at a fixed iteration count). Defaults: ``normalization="none"`` (LibMTL's default
@@ -34,6 +42,16 @@ from manytask.balance.solvers.simplex import min_norm_weights
 from manytask.errors import ConfigError
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
+
+
+def present_min_norm(gramian: Tensor, present: Tensor, iterations: int) -> Tensor:
+    """The min-norm weights of the tasks marked ``present`` (zeros for the others), without a
+    host synchronisation: an absent task stands in as a copy of the first task present, and the
+    weight the solver gives the copy goes back to that task (module docstring)."""
+    tasks = torch.arange(len(present), device=present.device)
+    index = torch.where(present, tasks, present.to(torch.int64).argmax())
+    solved = min_norm_weights(gramian[index][:, index], iterations)
+    return torch.zeros_like(solved).index_add_(0, index, solved)
 
 
 @registry.register(
@@ -82,5 +100,9 @@ class MGDA(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         n = self.scales(gramian, losses)
         normalised = gramian / (n[:, None] * n[None, :])
-        w = min_norm_weights(normalised, self.iterations)
+        present = losses != 0  # an absent task has a zero loss (module docstring)
+        if present.device.type == "cpu" and bool(present.all()):  # a CPU read costs no sync
+            w = min_norm_weights(normalised, self.iterations)
+        else:
+            w = present_min_norm(normalised, present, self.iterations)
         return w / n  # d = Σ wᵢ gᵢ/nᵢ as weights on the raw gradients
