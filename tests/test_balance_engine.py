@@ -140,6 +140,22 @@ def test_log_transform_balances_log_losses():
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize(("name", "share"), [("ew", 1.0), ("mgda", 1.0), ("upgrad", 0.5)])
+def test_log_transform_leaves_an_absent_tasks_zero_loss_as_it_is(name, share):
+    # a zero loss (a task absent from the batch) has no log: it stays zero, the others are
+    # balanced on their logs; before, its −∞ made every gradient NaN. (UPGrad averages its
+    # projected gradients over the T tasks, the absent one's being 0: half of t0's.)
+    encoder, _, _, losses = model_and_losses()
+    losses["t1"] = losses["t1"] * 0.0
+    method = mt.balance.get(name, ["t0", "t1"], loss_transform="log")
+    method.backward(losses, shared=list(encoder.parameters()))
+    e2, _, _, l2 = model_and_losses()
+    (share * torch.log(l2["t0"])).backward()
+    for p, q in zip(encoder.parameters(), e2.parameters(), strict=True):
+        assert torch.isfinite(p.grad).all()
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["uw", "mgda"])
 def test_grad_scaler_gives_the_unscaled_update(name):
     encoder, heads, _, losses = model_and_losses()

@@ -156,7 +156,8 @@ class Balancer(nn.Module, abc.ABC):
         gradient are those of ``log Lᵢ``; under ``torch.distributed`` the ranks' values and
         gradients average to exactly the union batch's ``log L̄ᵢ`` and ``∇ log L̄ᵢ`` (a plain
         ``log Lᵢ,r`` on each rank would not). A method with a positive :attr:`log_eps` takes
-        ``log(L̄ᵢ + ε)`` instead, with ``L̄ᵢ + ε`` in the denominator.
+        ``log(L̄ᵢ + ε)`` instead, with ``L̄ᵢ + ε`` in the denominator. A loss of exactly zero
+        (a task absent from the batch) is left as it is, and the method sees 0 for it.
         """
         missing = [t for t in self.tasks if t not in losses]
         extra = [t for t in losses if t not in self.tasks]
@@ -183,8 +184,12 @@ class Balancer(nn.Module, abc.ABC):
         values = torch.stack([loss.detach().float() for loss in items])
         distributed.all_reduce_mean_(values)
         if self.loss_transform == "log":
-            shifted = values + self.log_eps
-            logs = torch.log(shifted)
+            # a loss of exactly 0 is a task absent from the batch: it stays the zero it is (its
+            # log would be −∞ and its gradient NaN), and the method sees 0 for it, as without
+            # the transform
+            present = values != 0
+            shifted = torch.where(present, values + self.log_eps, 1.0)
+            logs = torch.where(present, torch.log(shifted), 0.0)
             items = [
                 logs[i].to(loss.dtype)
                 + (loss - values[i].to(loss.dtype)) / shifted[i].to(loss.dtype)
