@@ -94,6 +94,13 @@ class BalanceStep:
         return [p for p in parameters if id(p) not in done]
 
 
+def present_tasks(values: Tensor) -> Tensor:
+    """Which tasks have rows in the batch. A task absent from it (a mixed-task batch, or no
+    label for it) has a loss of exactly zero that still carries a graph; the methods whose rules
+    would read that zero as a real value leave such a task out of the step."""
+    return values != 0
+
+
 def gramian_statistics(gramian: Tensor) -> tuple[Tensor, Tensor]:
     """Per-task gradient norms and pairwise cosines from a Gramian (no host sync)."""
     norms = gramian.diagonal().clamp_min(0).sqrt()
@@ -187,7 +194,7 @@ class Balancer(nn.Module, abc.ABC):
             # a loss of exactly 0 is a task absent from the batch: it stays the zero it is (its
             # log would be −∞ and its gradient NaN), and the method sees 0 for it, as without
             # the transform
-            present = values != 0
+            present = present_tasks(values)
             shifted = torch.where(present, values + self.log_eps, 1.0)
             logs = torch.where(present, torch.log(shifted), 0.0)
             items = [

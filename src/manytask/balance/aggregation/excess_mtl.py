@@ -59,7 +59,13 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.base import Balancer, JacobianAggregator, LossTransform, Mode
+from manytask.balance.base import (
+    Balancer,
+    JacobianAggregator,
+    LossTransform,
+    Mode,
+    present_tasks,
+)
 from manytask.errors import ConfigError
 
 
@@ -143,7 +149,7 @@ class ExcessMTL(JacobianAggregator):
         summed = accumulator + squares
         excess = (squares / (summed + 1e-7).sqrt()).sum(dim=1).double()
         accumulator.copy_(torch.where(finite, summed, accumulator))
-        present = losses != 0  # an absent task has a zero loss (module docstring)
+        present = present_tasks(losses)
         warming = self.step < self.warmup_steps
         warmup_sum = self.warmup_sum + torch.where(warming, excess, torch.zeros_like(excess))
         counted = warming & present

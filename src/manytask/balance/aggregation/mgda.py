@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.base import GramianWeighting
+from manytask.balance.base import GramianWeighting, present_tasks
 from manytask.balance.solvers.simplex import min_norm_weights
 from manytask.errors import ConfigError
 
@@ -100,7 +100,7 @@ class MGDA(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         n = self.scales(gramian, losses)
         normalised = gramian / (n[:, None] * n[None, :])
-        present = losses != 0  # an absent task has a zero loss (module docstring)
+        present = present_tasks(losses)
         if present.device.type == "cpu" and bool(present.all()):  # a CPU read costs no sync
             w = min_norm_weights(normalised, self.iterations)
         else:

@@ -74,7 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from manytask import registry
-from manytask.balance.base import LossWeighting
+from manytask.balance.base import LossWeighting, present_tasks
 from manytask.errors import ConfigError
 
 _DENOM_FLOOR = 1e-30
@@ -167,7 +167,7 @@ class ConvergenceBalancer(LossWeighting):
     def weights(self, losses: Tensor) -> Tensor:
         values = losses.detach().to(torch.float64)
         self._steps += 1
-        nonzero = values != 0  # a task absent from the batch has a zero loss (module docstring)
+        nonzero = present_tasks(values)
         self.initial.copy_(torch.where((self.initial == 0) & nonzero, values.abs(), self.initial))
         present = nonzero & (self.initial != 0)
         scale = torch.where(present, self.initial, torch.ones_like(self.initial))

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.base import LossWeighting
+from manytask.balance.base import LossWeighting, present_tasks
 from manytask.errors import ConfigError
 
 _EPS = 1e-8
@@ -148,7 +148,7 @@ class FAMO(LossWeighting):
         z = torch.softmax(self.logits, dim=0)
         # tasks absent at either step take the z-weighted mean δ of the others: their own term
         # of z ⊙ (δ − zᵀδ) vanishes (module docstring, Absent tasks)
-        known = (losses != 0) & (self.previous != 0)
+        known = present_tasks(losses) & present_tasks(self.previous)
         delta = torch.where(known, delta, 0.0)  # (an absent task's log may be NaN with b > 0)
         mass = (z * known).sum()
         mean = torch.where(mass > 0, (z * delta).sum() / mass.clamp_min(1e-30), 0.0)
@@ -175,7 +175,7 @@ class FAMO(LossWeighting):
         self._steps += 1
         self.previous.copy_(values)
         z = torch.softmax(self.logits, dim=0)
-        present = values != 0  # a zero loss: the task is absent (module docstring)
+        present = present_tasks(values)
         scaled = torch.where(present, z / (values - self.min_losses + _EPS), 0.0)
         total = scaled.sum()
         return (scaled / torch.where(total > 0, total, 1.0)).to(losses.dtype)

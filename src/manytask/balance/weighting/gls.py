@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.base import LossWeighting
+from manytask.balance.base import LossWeighting, present_tasks
 
 _FLOOR = torch.finfo(torch.float32).tiny
 
@@ -54,7 +54,7 @@ class GeometricLossStrategy(LossWeighting):
         super().__init__(tasks)
 
     def weights(self, losses: Tensor) -> Tensor:
-        present = losses != 0  # a zero loss: the task is absent from the batch (docstring)
+        present = present_tasks(losses)
         count = present.sum().clamp_min(1).to(losses.dtype)
         log_losses = torch.where(present, losses.clamp_min(_FLOOR), 1.0).log()
         mean = (log_losses * present).sum() / count
