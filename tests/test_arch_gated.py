@@ -34,6 +34,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("adatt", {}),
     ("adatt", {"num_levels": 1, "task_experts": 2}),
     ("adatt", {"num_levels": 3, "task_experts": 2, "shared_experts": 0}),
+    ("adatt", {"num_levels": 3, "task_experts": 1, "shared_experts": 2}),
     ("home", {}),
     ("home", {"groups": [["c", "r"], ["b"]], "task_experts": 2}),
     ("home", {"feature_gate_rank": 0, "self_gate": False, "expert_norm": False}),

@@ -1,24 +1,28 @@
 r"""AdaTT: adaptive task-to-task fusion.
 
-Li, Chen, Zhang, Wei, Liu, Wang and Shi, "AdaTT: Adaptive Task-to-Task Fusion Network for
-Multitask Learning in Recommendations", KDD 2023, arXiv:2304.04959.
+Li, Zhang, Yuan, Gao, Zhang, Yang, Liu and Yang, "AdaTT: Adaptive Task-to-Task Fusion Network
+for Multitask Learning in Recommendations", KDD 2023, arXiv:2304.04959 (code:
+facebookresearch/AdaTT, ``mtl_lib.py``).
 
 Each fusion level ``l`` has ``m`` task-specific experts per task, :math:`E^l_t`, and optionally
-``m_s`` shared experts :math:`E^l_s` (the paper's AdaTT-sp). Every level's expert outputs are
-stacked into :math:`\mathbf{E}^l = [E^l_1, …, E^l_T, E^l_s]` and task ``t``'s fusion unit
-combines all of them with a gate, plus a linear combination of its own ("native") experts:
+``m_s`` shared experts :math:`E^l_s` (the general AdaTT, the authors' ``AdaTTWSharedExps``;
+without them it is the paper's AdaTT-sp, ``AdaTTSp``). Every level's expert outputs are
+stacked into :math:`\mathbf{E}^l = [E^l_1, …, E^l_T, E^l_s]` and each fusion unit combines all
+of them with a gate, plus a linear combination of its own ("native") experts:
 
 .. math::
 
     f^l_t = \mathrm{softmax}(W^l_t\, f^{l-1}_t)^\top \mathbf{E}^l + (v^l_t)^\top E^l_t(f^{l-1}_t),
     \qquad
-    f^l_s = \mathrm{softmax}(W^l_s\, f^{l-1}_s)^\top \mathbf{E}^l \quad (l < L)
+    f^l_s = \mathrm{softmax}(W^l_s\, f^{l-1}_s)^\top \mathbf{E}^l + (v^l_s)^\top E^l_s(f^{l-1}_s)
+    \quad (l < L)
 
 where task ``t``'s experts read :math:`f^{l-1}_t`, the shared experts read :math:`f^{l-1}_s`,
-:math:`f^0_t = f^0_s = x`, and :math:`y_t = h_t(f^L_t)`. With one native expert :math:`v = 1` is
-fixed (a plain residual of the task's own expert); with several, :math:`v^l_t` is learned and
-starts at :math:`1/m` (manytask's choice). The shared unit has no native term and the last level no
-shared unit.
+:math:`f^0_t = f^0_s = x`, and :math:`y_t = h_t(f^L_t)`; the last level has no shared unit.
+A unit with one expert of its own has :math:`v = 1` fixed (a plain residual of that expert); with
+several, :math:`v` is learned and starts at :math:`1/m` (manytask's choice; the authors draw it
+from :math:`U(\pm\sqrt{1/m})`). The authors' code also learns :math:`v` for units with one
+expert as soon as any unit has several, and its gates have a bias; manytask's have none.
 
 **What is shared.** Every expert — a task's own included — feeds every task's fusion gate, so
 all experts are shared, and so is every fusion unit below the last. Task ``t`` owns its
@@ -111,6 +115,7 @@ class AdaTT(StagedModel):
         self.task_gates = nn.ModuleList()
         self.natives = nn.ModuleList()
         self.shared_gates = nn.ModuleList()
+        self.shared_natives = nn.ModuleList()
         for level in range(num_levels):
             w = width if level == 0 else out
             self.task_experts.append(
@@ -125,6 +130,7 @@ class AdaTT(StagedModel):
                 )
                 if level < num_levels - 1:
                     self.shared_gates.append(SoftmaxGate(w, total))
+                    self.shared_natives.append(NativeCombination(shared_experts))
             self.task_gates.append(nn.ModuleList(SoftmaxGate(w, total) for _ in range(n_tasks)))
             self.natives.append(
                 nn.ModuleList(NativeCombination(task_experts) for _ in range(n_tasks))
@@ -158,7 +164,9 @@ class AdaTT(StagedModel):
                 for t in range(n_tasks)
             ]
             if self.m_shared:
-                shared_in = mix(self.shared_gates[level](shared_in), experts)
+                gate = self.shared_gates[level](shared_in)
+                own = self.shared_natives[level](experts[:, n_tasks * self.m :])
+                shared_in = mix(gate, experts) + own
         parts = {"experts": self._experts(last, task_in, shared_in)}
         if last >= 1:
             parts["gate_in"] = torch.stack(task_in, dim=1)
@@ -181,6 +189,7 @@ class AdaTT(StagedModel):
             self.task_experts,
             self.shared_experts,
             self.shared_gates,
+            self.shared_natives,
         ]
         modules += [self.task_gates[level] for level in range(last)]
         modules += [self.natives[level] for level in range(last)]
@@ -216,9 +225,10 @@ def adatt(
     r"""AdaTT: :math:`f^l_t = \mathrm{softmax}(W^l_t f^{l-1}_t)^\top \mathbf{E}^l +
     (v^l_t)^\top E^l_t`, :math:`y_t = h_t(f^L_t)` (full rule in :mod:`manytask.nn.adatt`).
 
-    Li, Chen, Zhang, Wei, Liu, Wang and Shi, "AdaTT: Adaptive Task-to-Task Fusion Network for
-    Multitask Learning in Recommendations", KDD 2023, arXiv:2304.04959. ``shared_experts > 0``
-    is the paper's AdaTT-sp (task-specific and shared expert units); 0 drops the shared units.
+    Li, Zhang, Yuan, Gao, Zhang, Yang, Liu and Yang, "AdaTT: Adaptive Task-to-Task Fusion
+    Network for Multitask Learning in Recommendations", KDD 2023, arXiv:2304.04959.
+    ``shared_experts > 0`` is the general AdaTT (task-specific and shared fusion units); 0 is
+    the paper's AdaTT-sp (task-specific units only).
 
     Defaults: 2 fusion levels, 1 task expert and 1 shared expert per level, expert width
     ``[64]``, tower width ``[32]``, ReLU: manytask's choices (the paper tunes them per data
