@@ -183,6 +183,20 @@ def test_hydralora_shares_a_and_routes_the_b_heads():
     assert torch.allclose(adapted(X), expected)
 
 
+@pytest.mark.parametrize("method", ["hydralora", "molora", "smora"])
+def test_token_routers_read_the_input_before_dropout(method):
+    # dropout acts on the adapters' path only, as HydraLoRA's authors apply it; the router sees
+    # every feature of the raw input even in a training forward
+    params = {"top_k": 1} if method == "smora" else {}
+    adapted, layer = adapted_layer(method, rank=2, dropout=0.5, **params)
+    adapted.train()
+    seen = []
+    layer.router.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    torch.manual_seed(0)
+    adapted(X)
+    assert len(seen) == 1 and torch.equal(seen[0], X)
+
+
 def test_smora_activates_the_top_k_ranks_with_a_softmax_over_their_scores():
     adapted, layer = adapted_layer("smora", rank=3, top_k=2, alpha=3.0)  # s = α / r = 1
     a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # rank i reads x_i

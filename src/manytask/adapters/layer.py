@@ -154,7 +154,8 @@ class AdapterLayer(nn.Module):
         gates)."""
         spec = self.spec
         batch = x.shape[0]
-        flat = self.dropout(x.reshape(batch, -1, self.in_features))
+        raw = x.reshape(batch, -1, self.in_features)
+        flat = self.dropout(raw)  # the adapters' input; a token router reads ``raw``
         down = self.down.to(flat.dtype)
         up = self.up.to(flat.dtype)
         if spec.combine == "weights":
@@ -183,7 +184,7 @@ class AdapterLayer(nn.Module):
         else:
             codes = torch.einsum("nli,eri->nler", flat, down)  # (N, L, E_A, r)
             codes_mixed = self._mix(codes, task_ids)
-            gates = self._output_gates(flat, task_ids)
+            gates = self._output_gates(raw, task_ids)
             if gates is None:
                 out = torch.einsum("nler,eor->nlo", codes_mixed, up)
             elif gates.dim() == 4:  # one gate per output feature: (N, 1, E, out)
@@ -229,6 +230,8 @@ class AdapterLayer(nn.Module):
         return torch.zeros(batch, dtype=torch.long, device=like.device)
 
     def _output_gates(self, flat: Tensor, task_ids: Tensor | None) -> Tensor | None:
+        """The gates of the experts' outputs: from the task ids, or from the layer's input
+        before dropout (as HydraLoRA's authors route: dropout acts on the adapters' path)."""
         router = self.router
         if router is None:
             return None

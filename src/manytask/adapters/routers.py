@@ -135,8 +135,14 @@ class TopKTokenRouter(Gate):
     ``softmax`` of their scores ``s`` (the bias ``b`` only chooses, it does not weigh). After a
     training forward the bias moves towards balance:
     ``b_e ← b_e + u · sign(\bar c − c_e)``, where ``c_e`` counts the tokens routed to ``e`` and
-    ``\bar c`` is the mean count (Wang, Gao, Zeng, Liu, Wu and Yuan, "Auxiliary-Loss-Free Load
+    ``\bar c`` is the mean count (Wang, Gao, Zhao, Sun and Dai, "Auxiliary-Loss-Free Load
     Balancing Strategy for Mixture-of-Experts", arXiv:2408.15664, which sets ``u = 0.001``).
+    The paper moves the bias once per training batch; here every training forward moves it (a
+    module cannot tell when an optimizer steps), so with gradient accumulation it moves once per
+    micro-batch, and under activation checkpointing the recomputed forward moves it a second
+    time and routes with the moved bias, so that its gradient can differ from the first
+    forward's. Divide ``bias_update_rate`` by the number of micro-batches, and do not
+    checkpoint layers with this router (or set the rate to 0).
     With ``balance_weight = w > 0`` the training forward also records the Switch Transformer
     loss ``w · E · Σ_e f_e P_e`` (Fedus, Zoph and Shazeer, arXiv:2101.03961, eq. 4): ``f_e`` the
     fraction of routing slots given to ``e``, ``P_e`` the mean router probability of ``e``.
