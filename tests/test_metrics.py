@@ -5,6 +5,7 @@ import torch
 
 import manytask as mt
 from manytask.evaluate.metrics import accuracy, auroc, macro_f1, mae, r2, rmse, task_metrics
+from tests.peers import require
 
 
 def test_accuracy_multiclass_and_binary():
@@ -53,3 +54,30 @@ def test_task_metrics_skip_missing_labels():
     cls = mt.Task("c", "cross_entropy", output_dim=2)
     logits = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     assert task_metrics(cls, logits, torch.tensor([0, -1]))["accuracy"] == 1.0
+
+
+def test_multi_label_macro_f1_averages_each_labels_positive_class_f1():
+    # the mean over labels of each label's F1 of its positive class (scikit-learn's multi-label
+    # macro average): label 0 has tp 2, fp 0, fn 0 → 1; label 1 has tp 0, fp 2, fn 0 → 0
+    scores = torch.tensor([[1.0, -1.0], [1.0, 1.0], [-1.0, -1.0], [-1.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    assert macro_f1(scores, targets, "binary") == pytest.approx(0.5)  # pooled it read 0.733
+
+
+def test_multi_label_macro_f1_matches_scikit_learn():
+    metrics = require("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, labels = int(torch.randint(3, 12, (1,), generator=g)), int(torch.randint(2, 5, (1,)))
+        scores = torch.randint(-2, 3, (n, labels), generator=g).double()
+        targets = torch.randint(0, 2, (n, labels), generator=g).double()
+        expected = metrics.f1_score(
+            targets.numpy(), (scores > 0).long().numpy(), average="macro", zero_division=0
+        )
+        assert macro_f1(scores, targets, "binary") == pytest.approx(expected, abs=1e-12)
+
+
+def test_r2_of_a_constant_target_is_finite_as_scikit_learn_gives_it():
+    target = torch.full((5,), 2.0)
+    assert r2(target.clone(), target, "regression") == 1.0  # a perfect fit
+    assert r2(target + 1.0, target, "regression") == 0.0

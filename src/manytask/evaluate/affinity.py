@@ -111,11 +111,15 @@ def cosine_matrix(jacobian: Tensor) -> Tensor:
 
 
 def lookahead_ratio(losses: Tensor, lookahead_losses: Tensor) -> Tensor:
-    """:math:`Z_{i\\to j} = 1 - L'_{ij} / L_j`; NaN where :math:`L_j` is zero or not finite."""
+    """:math:`Z_{i\\to j} = 1 - L'_{ij} / L_j` in float64; NaN where :math:`L_j` or
+    :math:`L_i` is zero or not finite (a task absent from the batch neither receives nor gives:
+    its zero gradient would move nothing, and a 0 would be averaged in as a measurement)."""
+    losses, lookahead_losses = losses.double(), lookahead_losses.double()
     valid = torch.isfinite(losses) & (losses != 0)
     safe = torch.where(valid, losses, torch.ones_like(losses))
     ratio = 1.0 - lookahead_losses / safe[None, :]
-    return torch.where(valid[None, :], ratio, torch.full_like(ratio, math.nan))
+    both = valid[:, None] & valid[None, :]
+    return torch.where(both, ratio, torch.full_like(ratio, math.nan))
 
 
 @contextlib.contextmanager
@@ -190,7 +194,8 @@ def measure_affinity(
         replay()
         with torch.enable_grad():
             losses = _loss_vector(model, tasks, inputs, targets)
-            base = torch.stack([loss.detach().float() for loss in losses])
+            # float64: Z = 1 − L′/L is a small difference of two losses
+            base = torch.stack([loss.detach().double() for loss in losses])
             jacobian = task_jacobian(losses, params)
         del losses
         cosines = cosine_matrix(jacobian) if cosine else None
@@ -231,7 +236,7 @@ def _lookahead_losses(
             torch._foreach_add_(shared, step, alpha=-lr)
             replay()
             losses = _loss_vector(model, tasks, inputs, targets)
-            rows.append(torch.stack([v.float() for v in losses]))
+            rows.append(torch.stack([v.double() for v in losses]))
     finally:
         torch._foreach_copy_(shared, original)
     return torch.stack(rows)

@@ -9,7 +9,9 @@ where :math:`K` is the number of (task, metric) pairs, :math:`M_{m,t,j}` the met
 task :math:`t` for the multi-task model, :math:`M_{b,t,j}` the same metric of the single-task
 baseline, and :math:`\ell_{t,j} = 1` when lower is better. Positive Δm means better than the
 baselines on average (Maninis et al., CVPR 2019, "Attentive Single-Tasking of Multiple Tasks";
-Navon et al., ICML 2022, "Multi-Task Learning as a Bargaining Game", eq. in §6).
+Vandenhende et al., TPAMI 2021). Averaging over every metric of every task follows Navon et al.,
+ICML 2022, "Multi-Task Learning as a Bargaining Game", whose tables (and those that follow
+them: FAMO, FairGrad, …) report the opposite sign, :math:`-\Delta_m`, lower being better.
 
 manytask divides by :math:`|M_{b,t,j}|`, which equals the papers' formula for the usual
 positive metrics and keeps the sign meaningful for a metric that can be negative (R²).
@@ -38,10 +40,10 @@ def delta_m(results: Results, baselines: Results, tasks: TaskSet) -> float:
                     f"Δm needs metric '{metric}' of task '{name}' in both the results "
                     "and the single-task baselines"
                 ) from None
-            if base == 0 or math.isnan(base) or math.isnan(value):
+            if base == 0 or not math.isfinite(base) or not math.isfinite(value):
                 raise ConfigError(
                     f"Δm is undefined for task '{name}', metric '{metric}': "
-                    f"baseline {base}, value {value} (the baseline must be non-zero and finite)"
+                    f"baseline {base}, value {value} (both must be finite, the baseline non-zero)"
                 )
             sign = 1.0 if task.higher_is_better(metric) else -1.0
             terms.append(sign * (value - base) / abs(base))

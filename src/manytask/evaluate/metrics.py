@@ -55,6 +55,8 @@ def _labels(output: Tensor, kind: Kind) -> Tensor:
 
 @register_metric("accuracy", True, ("multiclass", "binary"), "fraction of correct predictions")
 def accuracy(output: Tensor, target: Tensor, kind: Kind) -> float:
+    """The share of correct predictions; for binary targets of several columns (multi-label),
+    of correct entries (the Hamming score, not scikit-learn's subset accuracy)."""
     target = target.long() if kind == "multiclass" else (target > 0.5).long()
     return float((_labels(output, kind) == target).double().mean())
 
@@ -74,7 +76,18 @@ def _f1_per_class(pred: Tensor, target: Tensor, classes: Tensor) -> Tensor:
     "macro_f1", True, ("multiclass", "binary"), "unweighted mean of per-class F1 scores"
 )
 def macro_f1(output: Tensor, target: Tensor, kind: Kind) -> float:
-    """Mean F1 over the classes present in the targets or the predictions (as scikit-learn)."""
+    """Mean F1 over the classes present in the targets or the predictions (as scikit-learn);
+    for binary targets of two or more columns (multi-label), the mean over the columns of each
+    column's F1 of its positive class (scikit-learn's multi-label macro average)."""
+    if kind == "binary" and target.dim() == 2 and target.shape[1] > 1:
+        pred = _labels(output, kind).reshape(target.shape)
+        truth = (target > 0.5).long()
+        one = torch.ones(1, dtype=torch.long)
+        return float(
+            torch.cat([_f1_per_class(pred[:, j], truth[:, j], one) for j in range(truth.shape[1])])
+            .double()
+            .mean()
+        )
     pred = _labels(output, kind).reshape(-1)
     target = (target.long() if kind == "multiclass" else (target > 0.5).long()).reshape(-1)
     classes = torch.unique(torch.cat([pred, target]))
@@ -113,14 +126,14 @@ def auroc(output: Tensor, target: Tensor, kind: Kind) -> float:
         if target.dim() == 1:
             return _binary_auroc(output, target > 0.5)
         scores = [_binary_auroc(output[:, j], target[:, j] > 0.5) for j in range(target.shape[1])]
-        return float(torch.tensor(scores).nanmean())
+        return float(torch.tensor(scores, dtype=torch.float64).nanmean())
     probs = torch.softmax(output.double(), dim=-1)
     scores = [
         _binary_auroc(probs[:, c], target == c)
         for c in range(probs.shape[-1])
         if bool((target == c).any())
     ]
-    return float(torch.tensor(scores).nanmean()) if scores else float("nan")
+    return float(torch.tensor(scores, dtype=torch.float64).nanmean()) if scores else float("nan")
 
 
 def _regression_pair(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,7 +162,11 @@ def r2(output: Tensor, target: Tensor, kind: Kind) -> float:
         output, target = output[:, None], target[:, None]
     residual = ((target - output) ** 2).sum(0)
     total = ((target - target.mean(0)) ** 2).sum(0)
-    return float((1 - residual / total).mean())
+    # a constant target column: 1 for a perfect fit, 0 otherwise (scikit-learn's force_finite)
+    constant = total == 0
+    score = 1 - residual / torch.where(constant, torch.ones_like(total), total)
+    score = torch.where(constant, (residual == 0).double(), score)
+    return float(score.mean())
 
 
 def task_metrics(task: Task, output: Tensor, target: Tensor) -> dict[str, float]:

@@ -35,9 +35,9 @@ Computation, exact in every dimension:
       \mathrm{HV}(P) = \sum_i \Big[\prod_k (r_k - p_{ik})
           - \mathrm{HV}\big(\mathrm{nd}(\max(P_{>i}, p_i))\big)\Big]
 
-  where nd keeps the non-dominated points, recursing until two objectives remain. Its worst
-  case grows exponentially with the number of objectives, which is no concern for the tens of
-  runs of a comparison.
+  where nd keeps the non-dominated points, recursing on the limited sets (all objectives kept)
+  until a set holds at most one point. Its worst case grows exponentially with the number of
+  objectives, which is no concern for the tens of runs of a comparison.
 """
 
 from __future__ import annotations
