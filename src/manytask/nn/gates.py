@@ -223,13 +223,17 @@ class DSelectKGate(Gate):
     each selector to a single expert (averaged over the batch in the per-sample case; the
     reference implementation sums over the batch). When ``E`` is not a power of two some codes
     name no expert, so the weights sum to less than one; as in the authors' implementation a
-    penalty :math:`\sum_i 1 / \sum_{j<E} r(z^{(i)})_j`
-    (batch-averaged) keeps each selector's mass on real experts, and the weights then sum to 1.
+    penalty :math:`\sum_i 1 / (\sum_{j<E} r(z^{(i)})_j + 10^{-6})`
+    (batch-averaged; the :math:`10^{-6}` is ours, so that a selector saturated on unreachable
+    codes gives :math:`10^6` instead of the reference's infinity) keeps each selector's mass on
+    real experts, and the weights then sum to 1.
 
     Defaults: ``γ = 1``, ``z`` (weights and biases) uniform in ``±γ/100`` and the ``α``
     logits uniform in ``±0.05``: the authors' reference implementation
     (google-research/dselect_k_moe). ``λ = 1e-6``: the value of that implementation's
-    ``EntropyRegularizer``. ``k = 2``: manytask's choice.
+    ``EntropyRegularizer`` (which its gate leaves off unless one is passed; and since manytask
+    averages over the batch where it sums, the same λ weighs a sample ``B`` times less).
+    ``k = 2``: manytask's choice.
 
     Note: LibMTL's ``DSelect_k`` architecture accepts ``kgamma`` but calls its smooth-step
     without it, so it always runs with ``γ = 1``. Here ``γ`` is used everywhere: in ``S``, and in
