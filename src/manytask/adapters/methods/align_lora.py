@@ -36,6 +36,10 @@ def align_lora(
 
     Defaults from the authors' training script (jinda-liu/Align-LoRA ``train.py`` with the KL
     trainer of ``custom.py``): ``rank = 8``, ``alpha = 32``, ``dropout = 0.1``, ``λ = 0.2``.
+    That script adds the term once per cycle of 10 accumulated micro-batches, beside the mean of
+    their 10 task losses, so its weight there is about ``λ/10 = 0.02`` per loss; manytask adds
+    ``λ`` times the term at every training forward, about 10× the pressure at the same ``λ``
+    (pass ``align_weight=0.02`` to match the authors' run).
     """
     return AdapterSpec(
         method="align_lora",

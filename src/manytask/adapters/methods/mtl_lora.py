@@ -42,7 +42,7 @@ def mtl_lora(
     Defaults: ``rank = 8``, ``alpha = 16``, ``n = 3``, ``τ = 0.1`` — the authors' commonsense
     script (``llama2_7B_mlora_qkvo.sh 8 16``, ``--num_B 3 --temperature 0.1``); a diagonal
     ``Λ_t`` as the paper describes its task-specific transformation (the authors' code offers
-    both forms).
+    both forms); ``dropout = 0`` (ours; the authors' script uses 0.05).
     """
     if up_projections < 1:
         raise ConfigError(f"mtl_lora needs up_projections ≥ 1, got {up_projections}")

@@ -76,7 +76,8 @@ def hydralora(
     configuration: ``share_down``, ``E = N`` experts, a softmax token router.
 
     Defaults: ``N = 3`` heads and ``rank = 8`` — Table 2 (HydraLoRA with ``r = 8`` and three
-    ``B`` matrices on average; §4.5 finds ``k = 3`` within 0.42% of the best ``k = 4``);
+    ``B`` matrices on average; §4.5 finds ``k = 3`` within 0.42% of the best ``k = 4``; the
+    authors' released script uses ``r = 4``, ``alpha = 32``, four heads and dropout 0.05);
     ``alpha = 16`` as LoRA's defaults; the router is initialised like
     :class:`torch.nn.Linear` (the paper states no initialisation) and there is no
     load-balancing loss (the paper uses none).
