@@ -25,6 +25,20 @@ def test_orthogonal_unit_gradients_by_hand(rescale, divisor):
     assert torch.allclose(d, torch.full((2,), 0.75 / divisor, dtype=torch.float64), atol=1e-7)
 
 
+@pytest.mark.parametrize("tasks", [2, 4])
+def test_the_step_towards_the_worst_task_has_length_c_times_the_mean_gradient(tasks):
+    # d = g₀ + λ g_w with λ = c‖g₀‖/‖g_w‖ exactly (rescale 0): ‖d − g₀‖ = c‖g₀‖ however unequal
+    # the gradient norms; adding 1e-8 to ‖g_w‖ (in RMS units) shortened it by up to 1e-4
+    g = torch.Generator().manual_seed(tasks)
+    jacobian = torch.randn(tasks, 2 * tasks, generator=g, dtype=torch.float64)
+    jacobian *= torch.logspace(-2, 2, tasks, dtype=torch.float64)[:, None]
+    d = CAGrad([f"t{i}" for i in range(tasks)], c=0.5, rescale=0).direction(
+        jacobian, torch.ones(tasks, dtype=torch.float64)
+    )
+    g0 = jacobian.mean(dim=0)
+    assert float((d - g0).norm()) == pytest.approx(0.5 * float(g0.norm()), rel=1e-9)
+
+
 def test_c_zero_is_the_mean():
     jacobian = torch.tensor([[1.0, 2.0], [-3.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
     d = CAGrad(["a", "b", "c"], c=0.0).direction(jacobian, torch.ones(3, dtype=torch.float64))
