@@ -2,7 +2,9 @@
 
 The construction follows MultiMNIST as built by Sener and Koltun, "Multi-Task Learning as
 Multi-Objective Optimization", NeurIPS 2018, arXiv:1810.04650 (their data loader), applied to
-Fashion-MNIST as in Lin et al., "Pareto Multi-Task Learning", NeurIPS 2019:
+Fashion-MNIST. (Lin et al., "Pareto Multi-Task Learning", NeurIPS 2019, named the Fashion
+version, but their released data keep the 36×36 canvases unresized, 120,000 training and
+20,000 test images, so their tables are not comparable with these.)
 
 1. each image of a split is the top-left item; a second image drawn at random from the *same*
    split is the bottom-right item;
