@@ -9,6 +9,11 @@ Both losses are shifted by a constant (+21, times ``scale`` for the first) so th
 positive: gradients are unchanged, and methods that take logarithms of the losses (GLS, SI,
 DB-MTL, FAMO …) are well defined — FAMO's own toy does the same through its ``min_losses``.
 
+Methods run at their defaults, except FAMO with ``gamma = 0``, the value of FAMO's own toy
+script (``experiments/toy/run.sh``: the toy needs a very small decay). Methods that count
+epochs (DWA, STCH, IGB) are told that an epoch ended every ``--epoch-steps`` steps (1,000: 50
+epochs in all); the others do not depend on it.
+
 A run "ends on the Pareto front" when no point of a dense grid over the square [-10, 10]²
 dominates its final point by more than ``--tol`` in both losses. Writes a table (stdout and
 ``benchmarks/results/toy_pareto.json``) and the trajectories over the loss contours
@@ -38,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # aliases (`sum` is `ew`, `random` is `rlw`) and `constant`, which needs user weights (with
 # equal ones it is `ew`)
 SKIPPED = ("sum", "random", "constant")
+#: parameters other than the defaults: FAMO's toy script uses no decay (module docstring)
+METHOD_PARAMS: dict[str, dict[str, float]] = {"famo": {"gamma": 0.0}}
 
 
 def toy_losses(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,9 +61,11 @@ def toy_losses(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.stack([l1, l2], dim=-1)
 
 
-def run(method: str, start: tuple[float, float], iters: int, scale: float, record: int) -> dict:
+def run(
+    method: str, start: tuple[float, float], iters: int, scale: float, record: int, epoch: int
+) -> dict:
     torch.manual_seed(0)
-    balancer = mt.balance.get(method, ["f1", "f2"])
+    balancer = mt.balance.get(method, ["f1", "f2"], **METHOD_PARAMS.get(method, {}))
     x = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64))
     params = [x, *balancer.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
@@ -67,6 +76,8 @@ def run(method: str, start: tuple[float, float], iters: int, scale: float, recor
         optimizer.zero_grad()
         balancer.backward({"f1": f[0], "f2": f[1]}, shared=[x])
         optimizer.step()
+        if (step + 1) % epoch == 0:
+            balancer.end_epoch()
         if (step + 1) % record == 0:
             path.append(x.detach().tolist())
     seconds = time.perf_counter() - started
@@ -144,6 +155,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50_000)
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--epoch-steps", type=int, default=1000, help="steps per epoch")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_pareto.json"
     )
@@ -161,6 +173,8 @@ def main() -> None:
         "tol": args.tol,
         "inits": INITS,
         "shift": SHIFT,
+        "epoch_steps": args.epoch_steps,
+        "method_params": METHOD_PARAMS,
     }
     results: dict = {}
     if args.merge and args.out.exists():
@@ -174,7 +188,9 @@ def main() -> None:
     for name in names:
         if name in SKIPPED:
             continue
-        runs = [run(name, start, args.iters, args.scale, record) for start in INITS]
+        runs = [
+            run(name, start, args.iters, args.scale, record, args.epoch_steps) for start in INITS
+        ]
         flags = pareto_check(torch.tensor([r["end"] for r in runs]), args.scale, args.tol)
         for r, flag in zip(runs, flags.tolist(), strict=True):
             r["on_front"] = bool(flag)
