@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from manytask.balance.solvers.backend import namespace
-from manytask.balance.solvers.precision import rounding_shift
+from manytask.balance.solvers.precision import rounding_shift, with_rounding_shift
 
 #: diagonal regularisation relative to the mean diagonal (see the module docstring); the
 #: rounding shift ``T·ε`` of the Gramian's dtype is added relative to each diagonal entry
@@ -123,7 +123,7 @@ def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> 
     mean = diagonal.sum() / t
     mean = xp.where(mean > 0, mean, xp.ones_like(mean))
     live = diagonal > 1e-12 * diagonal.max().clip(min=0.0)  # numerically non-zero gradients
-    a = g / mean + xp.diag(shift * diagonal.clip(min=0.0) / mean + EPSILON)
+    a = with_rounding_shift(g / mean, shift, EPSILON)
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv
     v = a.diagonal() ** -0.5

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from manytask.balance.solvers.backend import namespace
 
 #: eigenvalues of a Gramian at or below ``T · RANK_EPS · λ_max`` are treated as zero: the
 #: Jacobian is float32, and the Gramian carries its rounding
@@ -21,3 +25,11 @@ def rounding_shift(gramian: Tensor) -> float:
     1,000× shorter than the others by several percent.
     """
     return gramian.shape[0] * float(torch.finfo(gramian.dtype).eps)
+
+
+def with_rounding_shift(scaled: Any, shift: float, floor: float) -> Any:
+    """``A + diag(shift·Aᵢᵢ + floor)`` for a Gramian ``A`` already scaled to unit mean diagonal
+    (array or tensor): the :func:`rounding_shift` in proportion to each diagonal entry, and an
+    absolute ``floor`` that keeps a zero gradient's variable defined."""
+    xp = namespace(scaled)
+    return scaled + xp.diag(shift * scaled.diagonal().clip(min=0.0) + floor)

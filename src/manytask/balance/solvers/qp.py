@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from manytask.balance.solvers.backend import namespace
-from manytask.balance.solvers.precision import rounding_shift
+from manytask.balance.solvers.precision import rounding_shift, with_rounding_shift
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 #: relative regularisation of the Newton systems (keeps them positive definite when ``A`` is
@@ -286,11 +286,7 @@ def _solve(a: Any, b: Any, iterations: int, shift: float) -> Any:
     # scale the problem so that the average diagonal entry of A is one (A = 0 stays 0)
     scale = a.diagonal().sum() / t
     scale = xp.where(scale > 0, scale, xp.ones_like(scale))
-    a = a / scale
-    # the rounding shift relative to each diagonal entry, the scale at which rounding perturbs
-    # that row (:func:`rounding_shift`), and T·ε of float64 relative to the mean, so that a
-    # zero gradient's variable stays defined
-    a = a + xp.diag(shift * a.diagonal().clip(min=0.0) + t * _FLOAT64_EPS)
+    a = with_rounding_shift(a / scale, shift, t * _FLOAT64_EPS)
     b = b / scale
     columns = b.reshape(t, -1)
     result: Any

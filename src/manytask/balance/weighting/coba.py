@@ -167,9 +167,8 @@ class ConvergenceBalancer(LossWeighting):
     def weights(self, losses: Tensor) -> Tensor:
         values = losses.detach().to(torch.float64)
         self._steps += 1
-        nonzero = present_tasks(values)
-        self.initial.copy_(torch.where((self.initial == 0) & nonzero, values.abs(), self.initial))
-        present = nonzero & (self.initial != 0)
+        present = present_tasks(values)  # each of these has its normaliser once it is set
+        self.initial.copy_(torch.where((self.initial == 0) & present, values.abs(), self.initial))
         scale = torch.where(present, self.initial, torch.ones_like(self.initial))
         self._push(self.history, torch.where(present, values / scale, torch.zeros_like(values)))
         self._push(self.present, present.to(torch.float64))
