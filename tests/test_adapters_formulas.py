@@ -7,6 +7,7 @@ matrix products written out in each test, independently of the layer's einsum co
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -220,11 +221,73 @@ def test_smora_bias_chooses_ranks_without_weighing_them_and_moves_towards_balanc
     gates = router(x)
     assert torch.equal(gates, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
     router.train()
-    router(x)  # loads c = [0, 0, 2], mean 2/3: b += 0.1 · sign(mean − c)
+    router(x)  # loads c = [0, 0, 2], mean 2/3; the bias waits for the optimizer step
+    assert torch.equal(router.bias, torch.tensor([-10.0, 0.0, 0.0]))
+    router.move_bias()  # what a step does: b += 0.1 · sign(mean − c)
     assert torch.allclose(router.bias, torch.tensor([-10.0 + 0.1, 0.1, -0.1]))
     router.eval()
-    router(x)  # evaluation leaves the bias alone
+    router(x)  # evaluation counts nothing: the next move is none
+    router.move_bias()
     assert torch.allclose(router.bias, torch.tensor([-9.9, 0.1, -0.1]))
+
+
+def test_loss_free_bias_moves_once_per_step_from_the_loads_of_all_micro_batches():
+    router = TopKTokenRouter(3, 3, top_k=1, bias_update_rate=0.1, balance_weight=0.0, init_std=0)
+    set_(router.linear.weight, torch.eye(3))
+    router.train()
+    router(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))  # micro-batch 1: c = [2, 0, 0]
+    router(torch.tensor([[0.0, 1.0, 0.0]]))  # micro-batch 2: c = [0, 1, 0]
+    assert torch.equal(router.bias, torch.zeros(3))
+    router.move_bias()  # the step's c = [2, 1, 0], mean 1
+    # one move by the summed loads; a move per micro-batch would have given [0, 0, 0.2]
+    assert torch.allclose(router.bias, torch.tensor([-0.1, 0.0, 0.1]))
+    assert torch.equal(router.pending_load, torch.zeros(3))
+
+
+def test_loss_free_router_under_checkpointing_gives_the_plain_gradient():
+    from torch.utils.checkpoint import checkpoint
+
+    def gradient(checkpointed: bool) -> torch.Tensor:
+        router = TopKTokenRouter(3, 3, top_k=2, bias_update_rate=10.0, balance_weight=0, init_std=0)
+        set_(router.linear.weight, torch.eye(3))
+        router.train()
+        x = torch.tensor([[3.0, 1.0, 2.0], [2.5, 0.0, 1.0]], requires_grad=True)
+        gates = checkpoint(router, x, use_reentrant=False) if checkpointed else router(x)
+        (gates * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        assert x.grad is not None
+        return x.grad
+
+    # a bias moved by the first forward would send the recomputed one to other experts
+    assert torch.allclose(gradient(True), gradient(False))
+
+
+@pytest.mark.parametrize("options", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_loss_free_bias_moves_after_each_optimizer_step_of_an_adapted_model(options):
+    torch.manual_seed(0)
+    adapted, layer = adapted_layer("smora", rank=4, top_k=1, bias_update_rate=0.01)
+    copy_layer = copy.deepcopy(adapted).adapter_layers()["0"]  # a copy balances too
+    adapted.train()
+    optimizer = torch.optim.Adam(adapted.parameters(), lr=1e-2, **options)
+    frozen = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # does not hold the router
+    moved = []
+    for _ in range(2):
+        x = torch.randn(8, 3)
+        before = layer.router.bias.clone()
+        adapted(x).pow(2).sum().backward()
+        adapted(torch.randn(8, 3)).pow(2).sum().backward()  # a second micro-batch
+        frozen.step()
+        moved.append(not torch.equal(before, layer.router.bias))
+        load = layer.router.pending_load.clone()
+        optimizer.step()
+        optimizer.zero_grad()
+        expected = before + 0.01 * torch.sign(load.mean() - load)
+        assert torch.allclose(layer.router.bias, expected) and load.sum() == 16
+        assert torch.equal(layer.router.pending_load, torch.zeros(4))
+    assert moved == [False, False]  # forwards and other optimizers' steps leave it alone
+    copy_layer.train()
+    copy_layer(torch.randn(8, 3)).sum().backward()
+    torch.optim.SGD(copy_layer.parameters(), lr=0.1).step()
+    assert copy_layer.router.bias.abs().sum() > 0  # the copy moves with its own steps
 
 
 def test_poly_mixes_skill_parameters_with_the_normalised_allocation():

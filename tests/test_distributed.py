@@ -39,8 +39,8 @@ def test_two_ranks_match_one_process_on_the_union_batch(tmp_path: Path):
     double = torchrun(str(SCRIPT), str(tmp_path))
     assert double.returncode == 0, double.stderr[-3000:]
     assert json.loads((tmp_path / "done-world2.json").read_text())
-    for name, options in METHODS:
-        tag = name + "".join(f"-{k}={v}" for k, v in options.items())
+    tags = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in METHODS]
+    for tag in [*tags, "router"]:  # "router": loss-free balancing's bias (run_router)
         one = load_file(str(tmp_path / f"{tag}-world1.safetensors"))
         two = load_file(str(tmp_path / f"{tag}-world2.safetensors"))
         for key in one:

@@ -13,6 +13,7 @@ from torch import nn
 
 import manytask as mt
 from manytask import distributed
+from manytask.adapters.routers import TopKTokenRouter
 
 #: (registry name, options): one method of each kind
 METHODS = [
@@ -70,11 +71,34 @@ def run(name: str, options: dict, out: Path) -> None:
         save_file(state, str(out / f"{tag}-world{world}.safetensors"))
 
 
+def run_router(out: Path) -> None:
+    """A top-k token router with loss-free balancing: its bias moves by the loads of the union
+    batch, summed over the ranks after each optimizer step."""
+    torch.manual_seed(0)
+    router = TopKTokenRouter(5, 4, top_k=2, bias_update_rate=0.05, balance_weight=0, init_std=1)
+    experts = nn.Linear(5, 4)
+    params = [*router.parameters(), *experts.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    rank, world = distributed.rank(), distributed.world_size()
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[rank::world], y[rank::world, 0]
+        optimizer.zero_grad()
+        ((router(x) * experts(x)).sum(-1) - y).pow(2).mean().backward()
+        distributed.average_gradients(params)
+        optimizer.step()
+    if rank == 0:
+        state = {f"p{i}": p.detach().clone() for i, p in enumerate(params)}
+        state["bias"] = router.bias.clone()
+        save_file(state, str(out / f"router-world{world}.safetensors"))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     distributed.init_from_env()
     for name, options in METHODS:
         run(name, options, out)
+    run_router(out)
     if distributed.rank() == 0:
         (out / f"done-world{distributed.world_size()}.json").write_text(json.dumps(METHODS))
     distributed.exit_process(0)

@@ -15,10 +15,16 @@ Token routers subclass :class:`manytask.nn.gates.Gate`: after a training forward
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.distributions import RelaxedBernoulli
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
+from manytask import distributed
 from manytask.adapters.spec import AdapterSpec, RouterSpec
 from manytask.errors import ConfigError
 from manytask.nn.gates import Gate, SoftmaxGate, cv_squared
@@ -132,17 +138,22 @@ class TopKTokenRouter(Gate):
     r"""Top-``k`` routing per token with auxiliary-loss-free balancing.
 
     Scores ``s = W_g x``; the ``k`` experts with the largest ``s + b`` are kept and get
-    ``softmax`` of their scores ``s`` (the bias ``b`` only chooses, it does not weigh). After a
-    training forward the bias moves towards balance:
+    ``softmax`` of their scores ``s`` (the bias ``b`` only chooses, it does not weigh). After each
+    training step the bias moves towards balance:
     ``b_e ← b_e + u · sign(\bar c − c_e)``, where ``c_e`` counts the tokens routed to ``e`` and
     ``\bar c`` is the mean count (Wang, Gao, Zhao, Sun and Dai, "Auxiliary-Loss-Free Load
     Balancing Strategy for Mixture-of-Experts", arXiv:2408.15664, which sets ``u = 0.001``).
-    The paper moves the bias once per training batch; here every training forward moves it (a
-    module cannot tell when an optimizer steps), so with gradient accumulation it moves once per
-    micro-batch, and under activation checkpointing the recomputed forward moves it a second
-    time and routes with the moved bias, so that its gradient can differ from the first
-    forward's. Divide ``bias_update_rate`` by the number of micro-batches, and do not
-    checkpoint layers with this router (or set the rate to 0).
+    The paper moves the bias once per training step, from the loads of that step's whole
+    batch; so does this router, in any training loop: a training forward adds its loads to
+    ``pending_load``, and every ``step()`` of a ``torch.optim`` optimizer that holds the
+    router's weight then moves the bias by the loads gathered since the previous move (summed
+    over the ranks under ``torch.distributed``) and starts a new count (a process-wide
+    optimizer step hook, see :func:`torch.optim.optimizer.register_optimizer_step_post_hook`).
+    So gradient accumulation counts every micro-batch of a step once, and an
+    activation-checkpointed layer routes its recomputed forward with the bias of the first (its
+    doubled loads do not change the signs). A router that no optimizer steps (a frozen router,
+    or one trained by an optimizer that is not a ``torch.optim.Optimizer``) moves only when
+    :meth:`move_bias` is called.
     With ``balance_weight = w > 0`` the training forward also records the Switch Transformer
     loss ``w · E · Σ_e f_e P_e`` (Fedus, Zoph and Shazeer, arXiv:2101.03961, eq. 4): ``f_e`` the
     fraction of routing slots given to ``e``, ``P_e`` the mean router probability of ``e``.
@@ -168,6 +179,11 @@ class TopKTokenRouter(Gate):
             nn.init.normal_(self.linear.weight, std=init_std)
         self.bias: Tensor
         self.register_buffer("bias", torch.zeros(num_experts))
+        # tokens routed to each expert since the bias last moved (see the class docstring)
+        self.pending_load: Tensor
+        self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+        _ROUTERS.add(self)
+        _step_hook()
 
     def forward(self, x: Tensor) -> Tensor:
         scores = self.linear(x)
@@ -179,15 +195,50 @@ class TopKTokenRouter(Gate):
             load = torch.bincount(chosen.flatten(), minlength=self.num_experts).to(scores.dtype)
             if self.bias_update_rate > 0:
                 with torch.no_grad():
-                    self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+                    self.pending_load.add_(load)
             if self.balance_weight > 0:
                 share = load / chosen.numel()
                 probability = torch.softmax(scores, dim=1).mean(0)
                 self._aux = self.balance_weight * self.num_experts * (share * probability).sum()
         return weights
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        _ROUTERS.add(self)  # a copy (copy.deepcopy) balances as its original does
+
+    @torch.no_grad()
+    def move_bias(self) -> None:
+        """``b ← b + u · sign(c̄ − c)`` with the loads ``c`` gathered since the last move, then a
+        new count (called after each optimizer step; no host sync: an empty count moves
+        nothing)."""
+        load = distributed.all_reduce_sum_(self.pending_load)
+        self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        load.zero_()
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+#: every live top-k router, for the optimizer step hook
+_ROUTERS: weakref.WeakSet[TopKTokenRouter] = weakref.WeakSet()
+_HOOK: list[RemovableHandle] = []
+
+
+def _step_hook() -> None:
+    """Register, once per process, the hook that moves the routers' biases after a step."""
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
+
+def _after_optimizer_step(optimizer: Optimizer, args: object, kwargs: object) -> None:
+    """Move the bias of every balancing router whose weight ``optimizer`` has just stepped."""
+    routers = [r for r in list(_ROUTERS) if r.bias_update_rate > 0]
+    if not routers:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for router in routers:
+        if id(router.linear.weight) in stepped:
+            router.move_bias()
 
 
 def build_router(spec: AdapterSpec, in_features: int, out_features: int) -> nn.Module | None:
