@@ -151,9 +151,10 @@ class TopKTokenRouter(Gate):
     optimizer step hook, see :func:`torch.optim.optimizer.register_optimizer_step_post_hook`).
     So gradient accumulation counts every micro-batch of a step once, and an
     activation-checkpointed layer routes its recomputed forward with the bias of the first (its
-    doubled loads do not change the signs). A router that no optimizer steps (a frozen router,
-    or one trained by an optimizer that is not a ``torch.optim.Optimizer``) moves only when
-    :meth:`move_bias` is called.
+    doubled loads do not change the signs). A router whose weight no ``torch.optim`` optimizer
+    holds moves only when :meth:`move_bias` is called: a frozen router, another kind of
+    optimizer, or a wrapper whose optimizer steps flattened copies of the parameters (FSDP
+    without ``use_orig_params=True``, DeepSpeed ZeRO); call it after each step there.
     With ``balance_weight = w > 0`` the training forward also records the Switch Transformer
     loss ``w · E · Σ_e f_e P_e`` (Fedus, Zoph and Shazeer, arXiv:2101.03961, eq. 4): ``f_e`` the
     fraction of routing slots given to ``e``, ``P_e`` the mean router probability of ``e``.
