@@ -35,6 +35,7 @@ import torch
 
 import manytask as mt
 from manytask import registry
+from manytask.atomic import write_text
 
 INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
 LOWER = 5e-6
@@ -201,9 +202,10 @@ def main() -> None:
             f"{name:<14} {int(flags.sum()):>6}/{len(INITS)} {mean_loss:>16.4f} {ms:>8.3f}",
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = dict(sorted(results.items()))
-    args.out.write_text(json.dumps({"meta": meta, "results": results}))
+        # after every method, so that a stopped run keeps the methods it finished
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results = dict(sorted(results.items()))
+        write_text(args.out, json.dumps({"meta": meta, "results": results}))
     plot(results, args.scale, args.plot)
     print(f"wrote {args.out} and {args.plot}")
 

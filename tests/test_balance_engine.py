@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -197,3 +199,42 @@ def test_gramian_in_column_blocks_equals_j_jt(columns):
     result = engine.gramian(jacobian)
     assert result.dtype == torch.float32 and result.shape == (6, 6)
     assert torch.allclose(result.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def nearly_opposite(eps: float) -> torch.Tensor:
+    """Two float64 gradients at an angle of π − ε, the second 10× the first (a toy problem's
+    Pareto front, where float32 cannot tell them from exactly opposite)."""
+    g1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    g2 = -10.0 * torch.tensor([math.cos(eps), math.sin(eps)], dtype=torch.float64)
+    return torch.stack([g1, g2])
+
+
+@pytest.mark.parametrize("mode", ["parameters", "features"])
+def test_a_float64_model_gets_the_float64_nash_direction_of_nearly_opposite_gradients(mode):
+    # Gα = 1/α for two tasks: α₂ = α₁√(a/c) and α₁ = 1/√(a + b√(a/c)), for G = [[a, b], [b, c]]
+    jac = nearly_opposite(1e-3)
+    (a, b), (_, c) = (jac @ jac.T).tolist()
+    alpha1 = 1 / math.sqrt(a + b * math.sqrt(a / c))
+    expected = alpha1 * jac[0] + alpha1 * math.sqrt(a / c) * jac[1]  # along the bisector
+    x = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    balancer = mt.balance.get("nash_mtl", ["a", "b"], mode=mode, max_norm=0.0)
+    if mode == "parameters":
+        losses = {"a": jac[0] @ x, "b": jac[1] @ x}
+        balancer.backward(losses, shared=[x])
+    else:
+        z = x * 1.0
+        views = [z[None], z[None]]
+        losses = {"a": (jac[0] * views[0]).sum(), "b": (jac[1] * views[1]).sum()}
+        balancer.backward(losses, features=views)
+    assert x.grad is not None and x.grad.dtype == torch.float64
+    # a float32 Jacobian leaves only rounding of this direction (cosine near 0 or negative)
+    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=0), (x.grad, expected)
+
+
+def test_the_jacobian_follows_a_float64_model_and_stays_float32_otherwise():
+    for dtype, gathered in [(torch.float64, torch.float64), (torch.float32, torch.float32)]:
+        p = nn.Parameter(torch.ones(3, dtype=dtype))
+        jacobian = engine.shared_jacobian([p.sum(), (2 * p).sum()], [p])
+        assert jacobian.dtype == gathered
+        assert torch.equal(jacobian, torch.tensor([[1.0] * 3, [2.0] * 3], dtype=gathered))
+    assert engine.jacobian_dtype(torch.bfloat16) == torch.float32

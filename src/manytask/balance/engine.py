@@ -40,8 +40,17 @@ def stash_gradients(params: Sequence[nn.Parameter]) -> list[Tensor | None]:
     return stash
 
 
+def jacobian_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-task gradients are gathered in for parameters or features of ``dtype``:
+    float64 for float64 (a float32 Jacobian of a float64 model loses the directions of nearly
+    opposite gradients, where methods like Nash-MTL are decided), float32 for the rest
+    (float32, and the half-precision types, whose gradients are summed in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class RowBuffer:
-    """The memory of a ``(T, n)`` float32 Jacobian, kept from one step to the next.
+    """The memory of a ``(T, n)`` Jacobian (float32, or float64 for a float64 model; see
+    :func:`jacobian_dtype`), kept from one step to the next.
 
     A fresh allocation of a few megabytes on every step pays a page fault on the first touch of
     every page: on a CPU, stacking 40 feature gradients of 256 × 256 took 1.8 ms that way, as
@@ -53,11 +62,14 @@ class RowBuffer:
     def __init__(self) -> None:
         self._data: Tensor | None = None
 
-    def get(self, rows: int, columns: int, device: torch.device) -> Tensor:
+    def get(
+        self, rows: int, columns: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         size = rows * columns
-        if self._data is None or self._data.numel() < size or self._data.device != device:
-            self._data = torch.empty(size, dtype=torch.float32, device=device)
-        return self._data[:size].view(rows, columns)
+        data = self._data
+        if data is None or data.numel() < size or data.device != device or data.dtype != dtype:
+            self._data = data = torch.empty(size, dtype=dtype, device=device)
+        return data[:size].view(rows, columns)
 
 
 #: on a CPU, the Gramian of a Jacobian with at least this many columns is a sum of
@@ -93,8 +105,9 @@ def gramian(jacobian: Tensor) -> Tensor:
 def shared_jacobian(
     losses: Sequence[Tensor], shared: Sequence[nn.Parameter], buffer: RowBuffer | None = None
 ) -> Tensor:
-    """``J[i] = ∇_shared Lᵢ`` as a ``(T, P)`` float32 tensor, one backward pass per task
-    (written into ``buffer`` when one is given).
+    """``J[i] = ∇_shared Lᵢ`` as a ``(T, P)`` tensor (float32, or float64 when a shared
+    parameter is float64), one backward pass per task (written into ``buffer`` when one is
+    given).
 
     The shared parameters' ``.grad`` must be None on entry (see :func:`stash_gradients`) and are
     None again on return; every other parameter accumulates ``Σᵢ ∇Lᵢ`` as after
@@ -107,7 +120,8 @@ def shared_jacobian(
         )
     sizes = [p.numel() for p in shared]
     buffer = buffer or RowBuffer()
-    jacobian = buffer.get(len(losses), sum(sizes), shared[0].device)
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
+    jacobian = buffer.get(len(losses), sum(sizes), shared[0].device, dtype)
     last = len(losses) - 1
     for i, loss in enumerate(losses):
         loss.backward(retain_graph=i < last)
@@ -185,7 +199,7 @@ def one_pass_feature_backward(
     rows = buffer or RowBuffer()
 
     def replace(_total: Tensor) -> Tensor:
-        jacobian = rows.get(len(captured), base.numel(), base.device)
+        jacobian = rows.get(len(captured), base.numel(), base.device, jacobian_dtype(base.dtype))
         if all(grad is not None for grad in captured):  # one copy kernel for all rows
             torch.stack([grad.reshape(-1) for grad in captured if grad is not None], out=jacobian)
         else:
@@ -213,7 +227,9 @@ def feature_jacobian(losses: Sequence[Tensor], features: Sequence[Tensor]) -> Te
         rows.append(
             torch.cat(
                 [
-                    (g if g is not None else torch.zeros_like(z)).reshape(-1).float()
+                    (g if g is not None else torch.zeros_like(z))
+                    .reshape(-1)
+                    .to(jacobian_dtype(z.dtype))
                     for g, z in zip(grads, features, strict=True)
                 ]
             )
