@@ -410,7 +410,8 @@ class GramianWeighting(_GradientMethod):
         weights = self.weights(gramian, losses).to(jacobian.dtype)
         self.last_weights.copy_(weights.detach())
         norms, cosines = gramian_statistics(gramian)
-        step = BalanceStep(weights=weights.detach(), grad_norms=norms, cosines=cosines)
+        # reported in float32 like the reused weights, whatever the Jacobian's dtype
+        step = BalanceStep(weights=weights.detach().float(), grad_norms=norms, cosines=cosines)
         return weights @ jacobian, step
 
     def get_extra_state(self) -> Any:
