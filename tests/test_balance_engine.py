@@ -227,7 +227,7 @@ def test_a_float64_model_gets_the_float64_nash_direction_of_nearly_opposite_grad
         losses = {"a": (jac[0] * views[0]).sum(), "b": (jac[1] * views[1]).sum()}
         balancer.backward(losses, features=views)
     assert x.grad is not None and x.grad.dtype == torch.float64
-    # a float32 Jacobian leaves only rounding of this direction (cosine near 0 or negative)
+    # a float32 Jacobian (the engine before) gave (6.1e-4, -1.15): 19% off
     assert torch.allclose(x.grad, expected, rtol=1e-4, atol=0), (x.grad, expected)
 
 
