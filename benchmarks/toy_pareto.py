@@ -185,6 +185,7 @@ def main() -> None:
                 f"--merge: {args.out} was made with other settings: {previous['meta']}"
             )
         results = previous["results"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'method':<14} {'on front':>8} {'mean final loss':>16} {'ms/step':>8}")
     for name in names:
         if name in SKIPPED:
@@ -203,7 +204,6 @@ def main() -> None:
             flush=True,
         )
         # after every method, so that a stopped run keeps the methods it finished
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         results = dict(sorted(results.items()))
         write_text(args.out, json.dumps({"meta": meta, "results": results}))
     plot(results, args.scale, args.plot)

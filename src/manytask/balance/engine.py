@@ -24,6 +24,7 @@ Nothing here reads a value back to the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -120,7 +121,7 @@ def shared_jacobian(
         )
     sizes = [p.numel() for p in shared]
     buffer = buffer or RowBuffer()
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
+    dtype = functools.reduce(torch.promote_types, {jacobian_dtype(p.dtype) for p in shared})
     jacobian = buffer.get(len(losses), sum(sizes), shared[0].device, dtype)
     last = len(losses) - 1
     for i, loss in enumerate(losses):
