@@ -53,6 +53,19 @@ def test_matches_the_authors_two_task_form():
         assert torch.allclose(ours, theirs, atol=1e-10)
 
 
+def test_nearly_opposite_float64_gradients_keep_the_authors_direction():
+    # at π − 1e-5 the cosines' small eigenvalue is 5e-11: kept by a float64 Gramian's rank
+    # tolerance (4.4e-16), dropped by float32's (2.4e-7), which returned no step
+    gap = 1e-5
+    jacobian = torch.tensor(
+        [[2.0, 0.0], [-5.0 * math.cos(gap), 5.0 * math.sin(gap)]], dtype=torch.float64
+    )
+    ours = ConFIG(["a", "b"]).direction(jacobian, torch.ones(2))
+    theirs = authors_two_task_direction(jacobian[0], jacobian[1])
+    assert ours.norm() > 0
+    assert (ours - theirs).norm() < 1e-6 * theirs.norm()
+
+
 def test_zero_gradient_gets_no_weight():
     jacobian = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     w = ConFIG(["a", "b", "c"]).weights(jacobian @ jacobian.T, torch.ones(3))

@@ -63,6 +63,27 @@ def test_imtl_g_keeps_a_much_shorter_gradient(spread):
     assert torch.allclose(projections, projections.mean().expand(4), rtol=1e-5)
 
 
+def test_imtl_g_tells_nearly_opposite_float64_gradients_from_opposite_ones():
+    # equal projections on u₁ and u₂ need α₁‖g₁‖ = α₂‖g₂‖, whatever the angle: α ∝ 1/‖gᵢ‖ and
+    # d ∝ u₁ + u₂. At π − 1e-5 the cosines' small eigenvalue is 5e-11: a float64 Gramian keeps
+    # it (tolerance 4.4e-16); float32's tolerance (2.4e-7) dropped it and returned no step,
+    # which stopped IMTL-G where it met the Pareto front of benchmarks/toy_pareto.py
+    gap = 1e-5
+    jacobian = torch.tensor(
+        [[2.0, 0.0], [-5.0 * math.cos(gap), 5.0 * math.sin(gap)]], dtype=torch.float64
+    )
+    w = IMTLG(["a", "b"]).weights(jacobian @ jacobian.T, torch.ones(2))
+    assert torch.allclose(w, torch.tensor([5.0, 2.0], dtype=torch.float64) / 7.0, rtol=1e-6)
+    d = w @ jacobian
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    assert torch.allclose(units @ d, (units @ d).mean().expand(2), rtol=1e-6)
+    bisector = units.sum(0)  # d = α₁‖g₁‖(u₁ + u₂) = (10/7)(u₁ + u₂)
+    assert torch.allclose(d, 10.0 / 7.0 * bisector, rtol=1e-6, atol=0.0)
+    # in float32 the pair is opposite to within the Gramian's rounding: no step
+    single = jacobian.float()
+    assert torch.equal(IMTLG(["a", "b"]).weights(single @ single.T, torch.ones(2)), torch.zeros(2))
+
+
 def random_inputs(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     for t, p in [(2, 5), (3, 7), (4, 9), (5, 20), (8, 30)]:

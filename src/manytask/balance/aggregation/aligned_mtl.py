@@ -46,13 +46,14 @@ from torch import Tensor
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.eigh import symmetric_eigh
-from manytask.balance.solvers.precision import RANK_EPS
 from manytask.errors import ConfigError
 
 ScaleMode = Literal["min", "median", "rmse"]
 
-# eigenvalues at or below T · RANK_EPS · λ_max are treated as zero (the authors' tolerance; as
-# in their code, a gradient more than about 1,500× shorter than the longest falls below it)
+#: eigenvalues at or below ``T · AUTHORS_EPS · λ_max`` are treated as zero: the authors'
+#: ``torch.finfo().eps``, float32's whatever the Gramian's dtype (as in their code, a gradient
+#: more than about 1,500× shorter than the longest falls below it)
+AUTHORS_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
@@ -60,7 +61,7 @@ def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
     g = gramian.double()
     t = g.shape[0]
     values, vectors = symmetric_eigh(g)  # ascending
-    tolerance = values[-1] * t * RANK_EPS
+    tolerance = values[-1] * t * AUTHORS_EPS
     valid = values > tolerance
     count = valid.sum()
     safe = torch.where(valid, values, torch.ones_like(values))

@@ -28,8 +28,9 @@ Defaults: equal preferences (the authors' ``EqualWeight``) and the projection le
 ``conflictfree/grad_operator.py``); the authors' closed form for two tasks gives the same
 direction. The pseudo-inverse comes from the Jacobi eigen-decomposition of
 :mod:`manytask.balance.solvers.eigh` (no host synchronisation); eigenvalues of ``C`` at or
-below ``T·1.2e-7·λ_max`` count as zero (the authors use ``torch.linalg.lstsq`` on ``U``, whose
-cut-off is at float precision; the two agree wherever ``U`` is not nearly rank-deficient).
+below ``T·ε·λ_max`` count as zero, ``ε`` the machine epsilon of the Gramian's dtype (the
+authors use ``torch.linalg.lstsq`` on ``U``, whose cut-off is at the precision of the
+gradients' dtype too; the two agree wherever ``U`` is not nearly rank-deficient).
 
 Deviations: the momentum variant (M-ConFIG) and the other weight and length models of the
 authors' package are not provided.
@@ -53,7 +54,7 @@ from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
-from manytask.balance.solvers.precision import RANK_EPS
+from manytask.balance.solvers.precision import relative_rounding
 
 
 def config_weights(gramian: Tensor) -> Tensor:
@@ -62,7 +63,8 @@ def config_weights(gramian: Tensor) -> Tensor:
     t = g.shape[0]
     cosines, inverse_norms = unit_cosines(g)
     ones = torch.ones(t, dtype=g.dtype, device=g.device)
-    unit_weights = psd_pseudo_inverse(cosines, rtol=t * RANK_EPS) @ ones  # g_v = Uᵀ(C⁺1)
+    inverse = psd_pseudo_inverse(cosines, rtol=relative_rounding(gramian))
+    unit_weights = inverse @ ones  # g_v = Uᵀ(C⁺1)
     squared = unit_weights @ cosines @ unit_weights  # ‖g_v‖² = 1ᵀC⁺1, free of the scale of J
     beta = inverse_norms * unit_weights  # g_v = Jᵀβ
     length = ones @ g @ beta  # Σᵢ gᵢᵀ g_v

@@ -20,11 +20,16 @@ these are the paper's weights, and defined otherwise through the pseudo-inverse 
 ConFIG's weights are; torchjd's ``IMTLG`` and Quinton and Rey, arXiv:2406.16232, generalise
 with :math:`G^+ n` instead, which differs only for dependent gradients). The pseudo-inverse comes
 from the Jacobi eigen-decomposition of :mod:`manytask.balance.solvers.eigh` (no host
-synchronisation); eigenvalues of ``C`` at or below ``T·1.2e-7·λ_max`` count as zero (the float32
-rank tolerance of the Aligned-MTL authors' code, suited to the float32 Gramians the engine
-forms). Taken on the cosines, that tolerance treats every task alike: on ``G`` itself it counted
-a gradient more than about 1,500× shorter than the largest as zero, and the directions went
-wrong (:mod:`manytask.balance.solvers.cosines`). Where :math:`|\mathbf 1^\top v|` is at most
+synchronisation); eigenvalues of ``C`` at or below ``T·ε·λ_max`` count as zero, with ``ε`` the
+machine epsilon of the Gramian's dtype (the rounding its entries carry:
+:func:`~manytask.balance.solvers.precision.relative_rounding`; the paper inverts with no
+tolerance). Taken on the cosines, that tolerance treats every task alike: on ``G`` itself it
+counted a gradient more than about 1,500× shorter than the largest as zero, and the directions
+went wrong (:mod:`manytask.balance.solvers.cosines`). Tied to the dtype, it keeps two float64
+gradients at an angle ``π − 1e-5`` distinct, where the exact weights are ``αᵢ ∝ 1/‖gᵢ‖`` and
+``d`` the (short) bisector of the unit gradients; float32's tolerance (``2.4e-7`` at two tasks)
+took them for opposite and returned no step, which stopped IMTL-G where it met the Pareto front
+of ``benchmarks/toy_pareto.py``. Where :math:`|\mathbf 1^\top v|` is at most
 :math:`10^{-8}` in units of the inverse root mean squared gradient norm (e.g. every gradient
 zero, or two opposite gradients, where it vanishes exactly) the weights are zero, as torchjd
 does below ``1e-12``; the direction would otherwise be rounding noise divided by a vanishing
@@ -78,17 +83,23 @@ from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
-from manytask.balance.solvers.precision import RANK_EPS
+from manytask.balance.solvers.precision import relative_rounding
 
 
-def imtl_g_weights(gramian: Tensor) -> Tensor:
+def imtl_g_weights(gramian: Tensor, rounding: float | None = None) -> Tensor:
     """IMTL-G's ``α = v / 1ᵀv`` with ``v = N⁻¹C⁺1`` (``= G⁻¹n`` for independent gradients;
-    float64), or zeros where ``1ᵀv`` vanishes."""
+    float64), or zeros where ``1ᵀv`` vanishes.
+
+    ``rounding`` is the relative rounding of the Gramian's entries, the rank tolerance of
+    ``C⁺``; by default that of its dtype (:func:`relative_rounding`).
+    """
+    if rounding is None:
+        rounding = relative_rounding(gramian)
     g = gramian.double()
     t = g.shape[0]
     cosines, inverse_norms = unit_cosines(g)
     ones = torch.ones(t, dtype=g.dtype, device=g.device)
-    v = inverse_norms * (psd_pseudo_inverse(cosines, rtol=t * RANK_EPS) @ ones)
+    v = inverse_norms * (psd_pseudo_inverse(cosines, rtol=rounding) @ ones)
     scale = g.diagonal().sum() / t
     total = v.sum()
     # 1ᵀv vanishes exactly for, e.g., two opposite gradients, where rounding leaves ~1e-17
@@ -150,7 +161,7 @@ class IMTL(GramianWeighting):
         s = self.log_scale.detach()
         scales = torch.exp(s).to(device=gramian.device, dtype=torch.float64)
         scaled = gramian.double() * scales[:, None] * scales[None, :]
-        weights = scales * imtl_g_weights(scaled)
+        weights = scales * imtl_g_weights(scaled, relative_rounding(gramian))
         # ∂(e^s L − s)/∂s, accumulated like a backward pass would
         grad = torch.exp(s) * losses.to(device=s.device, dtype=s.dtype) - 1.0
         if self.log_scale.grad is None:

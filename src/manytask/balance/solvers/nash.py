@@ -22,18 +22,22 @@ concave–convex procedure, at most 20 per step, warm-started from the previous 
 both find the same unique solution when the task gradients are linearly independent, the
 paper's assumption. To stay defined without it — a zero gradient, or zero in the convex hull of
 the gradients, where no positive solution exists — :func:`power_balance` solves with
-:math:`G/\bar g + \operatorname{diag}(\delta\, G_{ii}/\bar g + \epsilon)` (:math:`\bar g` the
-mean diagonal, :math:`\epsilon = 10^{-12}`, :math:`\delta` ``T`` times the machine epsilon of
-the Gramian's dtype: a float32 Gramian of nearly opposite gradients is often slightly indefinite
-after rounding). The rounding shift is relative to each task's own :math:`G_{ii}`, the scale at
-which rounding perturbs row ``i`` (:math:`|\Delta G_{ij}| \lesssim \varepsilon \|g_i\|
-\|g_j\|`), so it moves every weight by a relative :math:`O(\delta)` however unequal the gradient
-norms are (relative to the mean it moved the weight of a gradient 1000× smaller than the others
-by 5% in float32); :math:`\epsilon` moves the weights of independent gradients by a relative
-:math:`O(\epsilon\, \bar g / G_{ii})`. Tasks whose gradient is numerically zero get weight zero
-(their weight does not change the direction). With the default 40 Newton steps the relative
-residual of :math:`Gw = w^{-p}` is about ``1e-11`` on random problems with 2–40 tasks, and stays
-below ``1e-8`` (the bias of the regularisation) on badly conditioned ones
+:math:`G/\bar g + \operatorname{diag}(\delta\, G_{ii}/\bar g)` (:math:`\bar g` the mean
+diagonal, :math:`\delta` ``T`` times the machine epsilon of the Gramian's dtype: a float32
+Gramian of nearly opposite gradients is often slightly indefinite after rounding, and the shift
+makes every Gramian positive definite). The shift is relative to each task's own
+:math:`G_{ii}`, the scale at which rounding perturbs row ``i`` (:math:`|\Delta G_{ij}| \lesssim
+\varepsilon \|g_i\| \|g_j\|`), so it is no larger than the rounding the Gramian already
+carries, however unequal the gradient norms are (relative to the mean it moved the weight of a
+gradient 1000× smaller than the others by 5% in float32). Tasks whose gradient is numerically
+zero are decoupled from the others and get weight zero (their weight does not change the
+direction), so no absolute floor is needed: an earlier floor of :math:`10^{-12}\bar g` biased
+the solution by a relative :math:`10^{-12} w_i^2`, which for two float64 gradients at an angle
+of :math:`\pi - 10^{-5}` (weights near :math:`10^5`) put the direction off the exact one, the
+bisector of the unit gradients with norm :math:`\sqrt 2`, by a relative 0.19; now by 5e-6, and
+by 5e-10 at :math:`\pi - 10^{-3}`. With the default 40 Newton steps the relative residual of
+:math:`Gw = w^{-p}` is about ``1e-11`` on random problems with 2–40 tasks, and stays below
+``1e-8`` on badly conditioned ones
 (``tests/test_solvers_nash.py``). On a CPU, where reading a value costs no device
 synchronisation, the loop stops as soon as the relative residual is below ``1e-13`` (typically
 after 5–10 steps), and the steps run in numpy (:mod:`.backend`).
@@ -49,11 +53,8 @@ import torch
 from torch import Tensor
 
 from manytask.balance.solvers.backend import namespace
-from manytask.balance.solvers.precision import rounding_shift, with_rounding_shift
+from manytask.balance.solvers.precision import relative_rounding, with_rounding_shift
 
-#: diagonal regularisation relative to the mean diagonal (see the module docstring); the
-#: rounding shift ``T·ε`` of the Gramian's dtype is added relative to each diagonal entry
-EPSILON = 1e-12
 _LINE_SEARCH = 30
 #: on a CPU the loop stops once every ``|wᵢ(Aw)ᵢ − wᵢ^(1−p)|`` is below this share of
 #: ``wᵢ^(1−p)`` (on other devices it runs its fixed number of steps, without host reads)
@@ -103,7 +104,7 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     """
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
-    shift = rounding_shift(gramian)
+    shift = relative_rounding(gramian)
     g = gramian.double()
     if g.device.type == "cpu":
         with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
@@ -123,7 +124,10 @@ def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> 
     mean = diagonal.sum() / t
     mean = xp.where(mean > 0, mean, xp.ones_like(mean))
     live = diagonal > 1e-12 * diagonal.max().clip(min=0.0)  # numerically non-zero gradients
-    a = with_rounding_shift(g / mean, shift, EPSILON)
+    # a zero gradient's variable is decoupled (unit row and column; its weight is set to 0 at
+    # the end), so no absolute floor on the diagonal is needed to keep the system defined
+    identity = np.eye(t) if xp is np else torch.eye(t, dtype=g.dtype, device=g.device)
+    a = with_rounding_shift(xp.where(live[:, None] & live[None, :], g / mean, identity), shift, 0.0)
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv
     v = a.diagonal() ** -0.5

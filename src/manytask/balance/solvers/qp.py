@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from manytask.balance.solvers.backend import namespace
-from manytask.balance.solvers.precision import rounding_shift, with_rounding_shift
+from manytask.balance.solvers.precision import relative_rounding, with_rounding_shift
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 #: relative regularisation of the Newton systems (keeps them positive definite when ``A`` is
@@ -265,7 +265,7 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     solves every column (certificates would read values back to the host).
     """
     a, b = _working(quadratic, linear)
-    return torch.as_tensor(_solve(a, b, iterations, rounding_shift(quadratic)))
+    return torch.as_tensor(_solve(a, b, iterations, relative_rounding(quadratic)))
 
 
 def _working(matrix: Tensor, other: Tensor) -> tuple[Any, Any]:
@@ -279,7 +279,7 @@ def _working(matrix: Tensor, other: Tensor) -> tuple[Any, Any]:
 
 def _solve(a: Any, b: Any, iterations: int, shift: float) -> Any:
     """:func:`nonneg_qp` on float64 tensors, or on numpy arrays (at most ``_ENUMERATE_UP_TO``
-    variables); ``shift`` is the :func:`rounding_shift` of the caller's matrix."""
+    variables); ``shift`` is the :func:`relative_rounding` of the caller's matrix."""
     xp = namespace(a)
     a = 0.5 * (a + a.T)
     t = a.shape[0]
@@ -315,7 +315,7 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     """
     g, u = _working(gramian, anchors)
     xp = namespace(g)
-    v = u + _solve(g, g @ u, iterations, rounding_shift(gramian))
+    v = u + _solve(g, g @ u, iterations, relative_rounding(gramian))
     # should rounding still leave a problem without a minimiser, keep that anchor unprojected
     # rather than return inf or NaN
     return torch.as_tensor(xp.where(xp.isfinite(v).all(0), v, u))
