@@ -52,7 +52,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from manytask import atomic
@@ -765,6 +764,10 @@ def convert_pickle_checkpoint(
         storage = tensor.untyped_storage().data_ptr()
         tensors[name] = tensor.contiguous() if storage not in seen else tensor.clone()
         seen.add(storage)
+
+    # imported here: a merge reads and writes safetensors with its own code, and importing
+    # safetensors' library would add 0.8 MiB to every merge's peak memory
+    from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=SAFETENSORS_METADATA)

@@ -32,7 +32,9 @@ def base_and_vectors(base: Tensor | None, models: Sequence[Tensor]) -> tuple[Ten
     then hold the task vectors) or in one new allocation of ``T`` tensors."""
     if base is None:
         raise ValueError("a task-vector rule needs the base model's tensor; base is None")
-    return base, stack_rows(models).sub_(base)
+    # add_ with α = -1 is sub_'s kernel, but leaves sub_'s dispatch code unread (0.4 MiB of
+    # torch's library that a merge would otherwise keep resident; docs/merging.md#memory)
+    return base, stack_rows(models).add_(base, alpha=-1)
 
 
 def sum_rows(vectors: Tensor) -> Tensor:
