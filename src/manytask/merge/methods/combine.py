@@ -94,5 +94,4 @@ class SparseTaskVectorRule(WeightedRule, TaskVectorRule):
     ) -> Tensor:
         weights = self.weight_tensor(len(vectors))
         merged = combine(self.sparsify(vectors, generator), weights, self.combine_mode)
-        # θ₀ + λ·merged in one fused pass, written over ``merged`` (a fresh tensor)
-        return torch.add(base, merged, alpha=self.scale, out=merged)
+        return merged.mul_(self.scale).add_(base)
