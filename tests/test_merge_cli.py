@@ -178,7 +178,8 @@ def test_task_arithmetic_end_to_end_from_the_command_line(tmp_path, capsys):
 
 def test_a_quiet_merge_loads_neither_the_training_stack_nor_the_progress_bar(tmp_path):
     """`manytask merge` imports the merge package alone (the package imports its parts on
-    first use): the training stack, the balancers and rich's progress bar stay unloaded."""
+    first use): the training stack, the balancers, rich's progress bar and the safetensors
+    library (the merge reads and writes the format with its own code) stay unloaded."""
     base = {"w": torch.zeros(4)}
     for name, sd in (("base", base), ("t1", {"w": torch.ones(4)})):
         save_file(sd, str(tmp_path / f"{name}.safetensors"))
@@ -198,7 +199,7 @@ def test_a_quiet_merge_loads_neither_the_training_stack_nor_the_progress_bar(tmp
     loaded = set(done.stdout.split())
     assert "manytask.merge.methods.task_arithmetic" in loaded
     training = ("train", "balance", "nn", "data", "adapters", "evaluate", "config")
-    for absent in (*(f"manytask.{part}" for part in training), "rich.progress"):
+    for absent in (*(f"manytask.{part}" for part in training), "rich.progress", "safetensors"):
         assert absent not in loaded, absent
     with open_checkpoint(tmp_path / "out") as merged:
         assert torch.equal(merged.get("w"), torch.full((4,), 0.3))
