@@ -238,3 +238,130 @@ def test_the_jacobian_follows_a_float64_model_and_stays_float32_otherwise():
         assert jacobian.dtype == gathered
         assert torch.equal(jacobian, torch.tensor([[1.0] * 3, [2.0] * 3], dtype=gathered))
     assert engine.jacobian_dtype(torch.bfloat16) == torch.float32
+
+
+def test_linear_head_rows_give_the_gramian_and_direction_of_their_dense_rows():
+    g = torch.Generator().manual_seed(0)
+    widths = [1, 3, 2]
+    deltas = torch.randn(7, sum(widths), generator=g, dtype=torch.float64)
+    maps = torch.randn(5, sum(widths), generator=g, dtype=torch.float64)
+    rows = engine.LinearHeadRows(deltas, maps, widths)
+    dense = rows.dense()
+    # row i is δᵢ Mᵢᵀ, written out from the blocks of columns
+    blocks = [(0, 1), (1, 4), (4, 6)]
+    for i, (a, b) in enumerate(blocks):
+        assert torch.allclose(dense[i], (deltas[:, a:b] @ maps[:, a:b].T).reshape(-1))
+    assert torch.allclose(rows.gramian(), dense @ dense.T)
+    w = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(rows.weighted_sum(w), w @ dense)
+    assert torch.allclose(rows.unscaled(torch.tensor(4.0)).dense(), dense / 4)
+    single = engine.LinearHeadRows(deltas[:, :3], maps[:, :3], [1, 1, 1])  # one column a task
+    assert torch.allclose(single.gramian(), single.dense() @ single.dense().T)
+
+
+class LinearHeadModel(nn.Module):
+    """An encoder and one head per task whose first layer reads that task's view of the
+    representation; ``first`` picks how that layer is written."""
+
+    def __init__(self, widths, first="linear", samples=32, features=24):
+        super().__init__()
+        torch.manual_seed(1)
+        self.encoder = nn.Sequential(nn.Linear(6, features), nn.Tanh())
+        self.firsts = nn.ModuleList([nn.Linear(features, h) for h in widths])
+        self.outs = nn.ModuleList([nn.Linear(h, 1) for h in widths])
+        self.first = first
+        self.x, self.y = torch.randn(samples, 6), torch.randn(samples, len(widths))
+
+    def losses(self, views):
+        out = {}
+        for i, (view, lin, head) in enumerate(zip(views, self.firsts, self.outs, strict=True)):
+            if self.first == "linear":
+                hidden = lin(view)
+            elif self.first == "matmul":  # x @ W, then the bias: mm
+                hidden = view @ lin.weight.T + lin.bias
+            elif self.first == "addmm_alpha":
+                hidden = torch.addmm(lin.bias, view, lin.weight.T, alpha=2.0)
+            elif self.first == "read_twice":
+                hidden = lin(view) + view.mean(dim=1, keepdim=True)
+            else:  # a non-linear first operation
+                hidden = lin(torch.tanh(view))
+            out[f"t{i}"] = ((head(torch.relu(hidden)).squeeze(-1) - self.y[:, i]) ** 2).mean()
+        return out
+
+    def run(self, balancer, views: bool):
+        self.zero_grad()
+        z = self.encoder(self.x)
+        task_views = [z.view_as(z) for _ in self.firsts]
+        losses = self.losses(task_views)
+        balancer.backward(losses, features=task_views if views else [z])
+        return [p.grad.clone() for p in self.parameters()]
+
+
+@pytest.mark.parametrize("first", ["linear", "matmul", "addmm_alpha", "read_twice", "tanh"])
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "nash_mtl"])
+def test_feature_mode_with_linear_heads_equals_the_per_task_path(name, first, monkeypatch):
+    """Heads that begin with a linear map get their Gramian from factors; every other head
+    structure keeps the dense rows. Both give the per-task path's gradients."""
+    factored = []
+    original = engine._factored_backward
+
+    def spy(*args):
+        factored.append(True)
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_factored_backward", spy)
+    model = LinearHeadModel([1, 2, 1], first)
+    tasks = ["t0", "t1", "t2"]
+    one_pass = mt.balance.get(name, tasks, mode="features")
+    for step in range(2):  # a second step: the heads are searched again, or not
+        expected = model.run(mt.balance.get(name, tasks, mode="features"), views=False)
+        got = model.run(one_pass, views=True)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (step, (a - b).abs().max())
+    linear = first in ("linear", "matmul", "addmm_alpha")
+    assert factored == ([True, True] if linear else [])
+    assert one_pass._heads.unsuitable is not linear
+
+
+def test_factors_are_used_only_where_they_cost_less(monkeypatch):
+    factored = []
+    original = engine._factored_backward
+    monkeypatch.setattr(
+        engine, "_factored_backward", lambda *a: (factored.append(True), original(*a))
+    )
+    # H = 40 columns, B = 32, D = 24: H²(B + D) = 89600 > T²·B·D = 3072 — dense
+    wide = LinearHeadModel([20, 20])
+    expected = wide.run(mt.balance.get("mgda", ["t0", "t1"], mode="features"), views=False)
+    balancer = mt.balance.get("mgda", ["t0", "t1"], mode="features")
+    got = wide.run(balancer, views=True)
+    assert factored == [] and balancer._heads.unsuitable  # not searched again
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    narrow = LinearHeadModel([1, 1])  # 4·56 < 4·768: factors
+    narrow.run(mt.balance.get("mgda", ["t0", "t1"], mode="features"), views=True)
+    assert factored == [True]
+
+
+def test_a_jacobian_aggregator_in_feature_mode_reads_dense_rows_of_linear_heads():
+    model = LinearHeadModel([1, 1, 1])
+    tasks = ["t0", "t1", "t2"]
+    balancer = mt.balance.get("graddrop", tasks, mode="features", seed=0)
+    reference = mt.balance.get("graddrop", tasks, mode="features", seed=0)
+    for a, b in zip(model.run(balancer, True), model.run(reference, False), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert balancer._heads.unsuitable is False  # never searched
+
+
+def test_grad_scaler_with_linear_head_factors_gives_the_unscaled_update():
+    model = LinearHeadModel([1, 1])
+    tasks = ["t0", "t1"]
+    z = model.encoder(model.x)
+    views = [z.view_as(z) for _ in tasks]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    mt.balance.get("mgda", tasks, mode="features").backward(
+        model.losses(views), features=views, scaler=scaler
+    )
+    scaled = [p.grad / 2.0**10 for p in model.parameters()]
+    expected = model.run(mt.balance.get("mgda", tasks, mode="features"), views=False)
+    for a, b in zip(scaled, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -23,6 +23,9 @@ METHODS = [
     ("mgda", {}),  # Gramian-based, parameter mode: J is averaged over ranks
     ("pcgrad", {}),  # Gramian-based with a random order
     ("mgda", {"mode": "features"}),  # feature mode: the per-sample Gramian is summed over ranks
+    # feature mode in one backward pass, each linear head reading its own view: the Gramian
+    # comes from the heads' factors (engine.LinearHeadRows), again summed over ranks
+    ("mgda", {"mode": "features", "views": True}),
     ("trimmed_mean", {}),  # Jacobian aggregator: coordinate-wise on the averaged J
     ("graddrop", {}),  # Jacobian aggregator with random draws shared by the ranks
     ("gradvac", {}),  # Gramian-based with state (EMA targets)
@@ -51,7 +54,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run(name: str, options: dict, out: Path) -> None:
     encoder, heads = make_model()
     torch.manual_seed(1)  # the same seed on every rank: same random weights and orders
-    balancer = mt.balance.get(name, TASKS, **options)
+    views = bool(options.get("views"))
+    balancer = mt.balance.get(name, TASKS, **{k: v for k, v in options.items() if k != "views"})
     params = [*encoder.parameters(), *heads.parameters(), *balancer.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.1)
     rank, world = distributed.rank(), distributed.world_size()
@@ -59,9 +63,12 @@ def run(name: str, options: dict, out: Path) -> None:
         x, y = batch(step)
         x, y = x[rank::world], y[rank::world]
         z = encoder(x)
-        losses = {t: ((heads[i](z).squeeze(-1) - y[:, i]) ** 2).mean() for i, t in enumerate(TASKS)}
+        inputs = [z.view_as(z) for _ in TASKS] if views else [z] * len(TASKS)
+        outputs = [head(view).squeeze(-1) for head, view in zip(heads, inputs, strict=True)]
+        losses = {t: ((outputs[i] - y[:, i]) ** 2).mean() for i, t in enumerate(TASKS)}
         optimizer.zero_grad()
-        result = balancer.backward(losses, shared=list(encoder.parameters()), features=z)
+        features = inputs if views else z
+        result = balancer.backward(losses, shared=list(encoder.parameters()), features=features)
         distributed.average_gradients(result.unsynced(params))
         optimizer.step()
         balancer.end_epoch()  # DWA: every step is an "epoch" here, to exercise its statistics

@@ -284,6 +284,8 @@ class _GradientMethod(Balancer):
         super().__init__(tasks)
         self.mode: Mode = "parameters"
         self._rows = engine.RowBuffer()  # the per-task gradients' memory, reused every step
+        # whether the heads begin with linear maps (feature mode's factored rows)
+        self._heads = engine.LinearHeads()
 
     @abc.abstractmethod
     def direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
@@ -305,8 +307,12 @@ class _GradientMethod(Balancer):
         self.mode = mode
         return self
 
+    #: the method needs only ``J Jᵀ`` and ``Jᵀw``, so feature mode may hand it the rows as
+    #: linear-head factors (:class:`~manytask.balance.engine.LinearHeadRows`)
+    _reads_factors: ClassVar[bool] = False
+
     @abc.abstractmethod
-    def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+    def _combine(self, jacobian: engine.FeatureRows, losses: Tensor) -> tuple[Tensor, BalanceStep]:
         """The direction for an unscaled Jacobian and the step record (without ``synced``)."""
 
     def _preempt(self, items: list[Tensor], scale: Tensor | None) -> BalanceStep | None:
@@ -327,9 +333,9 @@ class _GradientMethod(Balancer):
             return early
         record: list[BalanceStep] = []
 
-        def combine(jacobian: Tensor) -> Tensor:
+        def combine(jacobian: engine.FeatureRows) -> Tensor:
             if scale is not None:
-                jacobian = jacobian / scale
+                jacobian = engine.rows_unscaled(jacobian, scale)
             direction, step = self._combine(jacobian, values)
             record.append(step)
             return direction if scale is None else direction * scale
@@ -339,7 +345,8 @@ class _GradientMethod(Balancer):
         if self.mode == "features":
             feats = engine.as_feature_list(features)
             if engine.are_task_views(feats, len(items)):
-                engine.one_pass_feature_backward(scaled, feats, combine, self._rows)
+                heads = self._heads if self._reads_factors else None
+                engine.one_pass_feature_backward(scaled, feats, combine, self._rows, heads)
             else:
                 direction = combine(engine.feature_jacobian(scaled, feats))
                 engine.backward_through_features(torch.stack(scaled).sum(), feats, direction)
@@ -365,6 +372,7 @@ class GramianWeighting(_GradientMethod):
     """
 
     _parameter_need: ClassVar[Need] = Need.GRAMIAN
+    _reads_factors = True
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
@@ -403,16 +411,16 @@ class GramianWeighting(_GradientMethod):
         (total if scale is None else total * scale).backward()
         return BalanceStep(weights=self.last_weights.detach().clone())
 
-    def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
-        gramian = engine.gramian(jacobian)
+    def _combine(self, jacobian: engine.FeatureRows, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+        gramian = engine.rows_gramian(jacobian)
         if self.mode == "features" and distributed.world_size() > 1:
             gramian = distributed.all_reduce_sum_(gramian) / distributed.world_size() ** 2
-        weights = self.weights(gramian, losses).to(jacobian.dtype)
+        weights = self.weights(gramian, losses).to(gramian.dtype)
         self.last_weights.copy_(weights.detach())
         norms, cosines = gramian_statistics(gramian)
         # reported in float32 like the reused weights, whatever the Jacobian's dtype
         step = BalanceStep(weights=weights.detach().float(), grad_norms=norms, cosines=cosines)
-        return weights @ jacobian, step
+        return engine.rows_weighted_sum(jacobian, weights), step
 
     def get_extra_state(self) -> Any:
         return {"steps": self._steps}
@@ -446,5 +454,6 @@ class JacobianAggregator(_GradientMethod):
             )
         return None
 
-    def _combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+    def _combine(self, jacobian: engine.FeatureRows, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+        assert isinstance(jacobian, Tensor)  # _reads_factors is False: always the rows
         return self.direction(jacobian, losses), BalanceStep(weights=None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -175,20 +176,172 @@ def are_task_views(features: Sequence[Tensor], tasks: int) -> bool:
     return base is not None and base.requires_grad and all(f._base is base for f in features)
 
 
+class LinearHeadRows:
+    """The per-task gradients of a ``(B, D)`` representation ``Z`` kept as factors: task ``i``'s
+    head begins with a linear map ``Z Mᵢ`` (``Mᵢ`` of shape ``(D, hᵢ)``, an ``nn.Linear``'s
+    transposed weight), so ``∂Lᵢ/∂Z = δᵢ Mᵢᵀ`` with ``δᵢ = ∂Lᵢ/∂(Z Mᵢ)`` of shape ``(B, hᵢ)``.
+
+    The Gramian is then ``Gᵢⱼ = ⟨δᵢᵀδⱼ, MᵢᵀMⱼ⟩`` (the sum over the entries of the elementwise
+    product), which costs ``H²(B + D)`` for ``H = Σ hᵢ`` instead of ``T²·B·D`` for the
+    ``(T, B·D)`` matrix of rows; ``Jᵀw = Σ wᵢ δᵢ Mᵢᵀ`` is one ``(B, H) @ (H, D)`` product. With
+    one linear output per task (regression, a binary attribute) at ``T = 40``, ``B = D = 256``,
+    that is 0.8 M instead of 105 M multiply-adds for the Gramian, and the rows are never
+    stacked. ``deltas`` is ``[δ₁ … δ_T]`` side by side, ``maps`` is ``[M₁ … M_T]``.
+    """
+
+    def __init__(self, deltas: Tensor, maps: Tensor, widths: Sequence[int]) -> None:
+        self.deltas = deltas
+        self.maps = maps
+        self.widths = tuple(widths)
+
+    def unscaled(self, scale: Tensor) -> LinearHeadRows:
+        """The rows of a loss multiplied by ``scale`` (an AMP loss scale), divided by it."""
+        return LinearHeadRows(self.deltas / scale, self.maps, self.widths)
+
+    def gramian(self) -> Tensor:
+        products = (self.deltas.T @ self.deltas) * (self.maps.T @ self.maps)
+        tasks = len(self.widths)
+        if products.shape[0] == tasks:  # one column per task
+            return products
+        owner = torch.repeat_interleave(
+            torch.arange(tasks, device=products.device),
+            torch.tensor(self.widths, device=products.device),
+        )
+        # block sums: rows of a task, then columns of a task
+        by_row = products.new_zeros(tasks, products.shape[1]).index_add_(0, owner, products)
+        return products.new_zeros(tasks, tasks).index_add_(1, owner, by_row)
+
+    def weighted_sum(self, weights: Tensor) -> Tensor:
+        """``Jᵀw``, flattened like a row of ``J``."""
+        per_column = weights.to(self.deltas.dtype)
+        if self.deltas.shape[1] != len(self.widths):
+            per_column = torch.repeat_interleave(
+                per_column, torch.tensor(self.widths, device=per_column.device)
+            )
+        return ((self.deltas * per_column) @ self.maps.T).reshape(-1)
+
+    def dense(self) -> Tensor:
+        """The ``(T, B·D)`` rows themselves (for tests and for methods that read them)."""
+        pieces = zip(
+            self.deltas.split(self.widths, dim=1), self.maps.split(self.widths, dim=1), strict=True
+        )
+        return torch.stack([(delta @ m.T).reshape(-1) for delta, m in pieces])
+
+
+#: what a method receives in feature mode: the ``(T, |Z|)`` rows, or their linear-head factors
+FeatureRows = Tensor | LinearHeadRows
+
+
+def rows_gramian(rows: FeatureRows) -> Tensor:
+    """``J Jᵀ`` of the rows in either form."""
+    return rows.gramian() if isinstance(rows, LinearHeadRows) else gramian(rows)
+
+
+def rows_weighted_sum(rows: FeatureRows, weights: Tensor) -> Tensor:
+    """``Jᵀw`` of the rows in either form, flattened like a row."""
+    if isinstance(rows, LinearHeadRows):
+        return rows.weighted_sum(weights)
+    return weights.to(rows.dtype) @ rows
+
+
+def rows_unscaled(rows: FeatureRows, scale: Tensor) -> FeatureRows:
+    """The rows of losses multiplied by an AMP loss ``scale``, divided by it."""
+    return rows.unscaled(scale) if isinstance(rows, LinearHeadRows) else rows / scale
+
+
+def _factors_are_cheaper(nodes: Sequence[Any], base: Tensor) -> bool:
+    """``H²(B + D) < T²·B·D``: the factored Gramian costs less than the dense one."""
+    width: int = sum(node._saved_mat2.shape[1] for node in nodes)
+    samples, features = base.shape
+    return width * width * (samples + features) < len(nodes) ** 2 * samples * features
+
+
+class LinearHeads:
+    """Finds, from the autograd graph, whether every task's head begins with a linear map of its
+    view of the representation, and remembers a model whose heads do not.
+
+    A view qualifies when, in the graph below the losses, exactly one operation consumes it and
+    that operation is a matrix product with the view on the left (``nn.Linear`` and ``x @ W``
+    on a 2-D representation: ``addmm`` or ``mm``): then the gradient that reaches the view is
+    exactly ``δ Mᵀ`` (see :class:`LinearHeadRows`). Anything else (a view read twice or by
+    another task, a non-linear first operation, a representation of more than two dimensions)
+    leaves the rows dense, as do heads so wide that factors would cost more (see
+    :func:`_factors_are_cheaper`). The search visits every node between the losses and the
+    views, about 0.1 ms for 40 one-layer heads; a model found unsuitable once is not searched
+    again, since a model's heads keep their structure from one step to the next (the search
+    decides only how the rows are kept, never the result).
+    """
+
+    def __init__(self) -> None:
+        self.unsuitable = False
+
+    def find(self, losses: Sequence[Tensor], views: Sequence[Tensor]) -> list[Any] | None:
+        """The matrix-product node that consumes each view where the factors are the cheaper
+        form, or None (and the model is remembered as unsuitable)."""
+        if self.unsuitable:
+            return None
+        nodes = self._consumers(losses, views)
+        if nodes is None or not _factors_are_cheaper(nodes, views[0]):
+            self.unsuitable = True
+            return None
+        return nodes
+
+    @staticmethod
+    def _consumers(losses: Sequence[Tensor], views: Sequence[Tensor]) -> list[Any] | None:
+        base = views[0]._base
+        if base is None or base.dim() != 2:
+            return None
+        index = {view.grad_fn: i for i, view in enumerate(views)}
+        found: list[Any] = [None] * len(views)
+        stop = base.grad_fn
+        seen = set()
+        pending = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for position, (child, _) in enumerate(node.next_functions):
+                if child is None or child is stop:
+                    continue
+                i = index.get(child)
+                if i is None:
+                    if child not in seen:
+                        pending.append(child)
+                    continue
+                kind = type(node).__name__
+                left = (kind == "AddmmBackward0" and position == 1) or (
+                    kind == "MmBackward0" and position == 0
+                )
+                if found[i] is not None or not left:
+                    return None
+                found[i] = node
+        if any(node is None for node in found):
+            return None
+        return found
+
+
 def one_pass_feature_backward(
     losses: Sequence[Tensor],
     views: Sequence[Tensor],
-    combine: Callable[[Tensor], Tensor],
+    combine: Callable[[FeatureRows], Tensor],
     buffer: RowBuffer | None = None,
+    heads: LinearHeads | None = None,
 ) -> None:
     """One backward pass of ``Σᵢ Lᵢ`` in which the encoder receives ``combine(J_Z)``.
 
     ``views[i]`` is the view of the representation ``Z`` that task ``i``'s head consumed;
-    ``combine`` maps the ``(T, |Z|)`` per-task gradients (gathered in ``buffer`` when one is
-    given) to the flattened direction for ``Z``.
+    ``combine`` maps the per-task gradients to the flattened direction for ``Z``. They come as
+    the ``(T, |Z|)`` matrix (gathered in ``buffer`` when one is given) or, when ``heads`` is
+    given and finds a linear first layer in every head, narrow enough that factors are the
+    cheaper form, as :class:`LinearHeadRows`.
     """
     base = views[0]._base
     assert base is not None
+    nodes = heads.find(losses, views) if heads is not None else None
+    if nodes is not None:
+        _factored_backward(losses, nodes, base, combine)
+        return
     captured: list[Tensor | None] = [None] * len(views)
 
     def keep(index: int) -> Callable[[Tensor], None]:
@@ -212,6 +365,46 @@ def one_pass_feature_backward(
         return combine(jacobian).view_as(base).to(base.dtype)
 
     handles = [view.register_hook(keep(i)) for i, view in enumerate(views)]
+    handles.append(base.register_hook(replace))
+    try:
+        torch.stack(list(losses)).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _factored_backward(
+    losses: Sequence[Tensor],
+    nodes: Sequence[Any],
+    base: Tensor,
+    combine: Callable[[FeatureRows], Tensor],
+) -> None:
+    """:func:`one_pass_feature_backward` with the rows as :class:`LinearHeadRows`: a hook
+    before each head's first product records ``δᵢ``, the gradient of its output."""
+    dtype = jacobian_dtype(base.dtype)
+    maps = []
+    for node in nodes:
+        product = node._saved_mat2
+        alpha = getattr(node, "_saved_alpha", 1)
+        maps.append((product if alpha == 1 else product * alpha).to(dtype))
+    widths = [m.shape[1] for m in maps]
+    deltas: list[Tensor | None] = [None] * len(nodes)
+
+    def keep(index: int) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            deltas[index] = grad_outputs[0]
+
+        return hook
+
+    def replace(_total: Tensor) -> Tensor:
+        columns = [
+            base.new_zeros(base.shape[0], width, dtype=dtype) if delta is None else delta.to(dtype)
+            for delta, width in zip(deltas, widths, strict=True)
+        ]
+        rows = LinearHeadRows(torch.cat(columns, dim=1), torch.cat(maps, dim=1), widths)
+        return combine(rows).view_as(base).to(base.dtype)
+
+    handles = [node.register_prehook(keep(i)) for i, node in enumerate(nodes)]
     handles.append(base.register_hook(replace))
     try:
         torch.stack(list(losses)).sum().backward()
