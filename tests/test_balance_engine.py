@@ -66,6 +66,8 @@ def test_parameter_mode_gives_shared_jt_w_and_heads_their_own_gradient():
             assert torch.allclose(p.grad, g, atol=1e-6)
     assert torch.allclose(method.seen[0].float(), jacobian @ jacobian.T, atol=1e-5)
     assert torch.allclose(step.grad_norms, jacobian.norm(dim=1), atol=1e-5)
+    unit = jacobian / jacobian.norm(dim=1, keepdim=True)
+    assert torch.allclose(step.cosines, unit @ unit.T, atol=1e-5)  # computed on first reading
     assert step.synced == tuple(shared)
 
 

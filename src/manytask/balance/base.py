@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -78,15 +79,26 @@ class BalanceStep:
 
     Tensors stay on the device and detached; reading them (``float(...)``) is the caller's
     choice of when to synchronise. ``weights`` is None for aggregators that produce a direction
-    rather than task weights; ``grad_norms`` and ``cosines`` are filled by methods that formed
-    the Gramian anyway. ``synced`` holds the parameters whose gradient is already identical on
-    every rank (the shared ones, for parameter-mode gradient methods).
+    rather than task weights; ``gramian`` is the ``(T, T)`` Gramian of the methods that formed
+    one anyway, and ``grad_norms`` and ``cosines`` are computed from it on first reading (six
+    small operations a step that a loop which never reads them does not pay). ``synced`` holds
+    the parameters whose gradient is already identical on every rank (the shared ones, for
+    parameter-mode gradient methods).
     """
 
     weights: Tensor | None
-    grad_norms: Tensor | None = None
-    cosines: Tensor | None = None
+    gramian: Tensor | None = None
     synced: tuple[nn.Parameter, ...] = ()
+
+    @functools.cached_property
+    def grad_norms(self) -> Tensor | None:
+        """Per-task gradient norms ``√Gᵢᵢ``, or None without a Gramian."""
+        return None if self.gramian is None else gramian_statistics(self.gramian)[0]
+
+    @functools.cached_property
+    def cosines(self) -> Tensor | None:
+        """Pairwise gradient cosines ``Gᵢⱼ / (‖gᵢ‖‖gⱼ‖)``, or None without a Gramian."""
+        return None if self.gramian is None else gramian_statistics(self.gramian)[1]
 
     def unsynced(self, parameters: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """The parameters whose gradients still need averaging across ranks."""
@@ -358,7 +370,7 @@ class _GradientMethod(Balancer):
             engine.set_shared_gradients(params, combine(jacobian), stash)
             synced = tuple(params)
         step = record[0]
-        return BalanceStep(step.weights, step.grad_norms, step.cosines, synced=synced)
+        return BalanceStep(step.weights, step.gramian, synced=synced)
 
 
 class GramianWeighting(_GradientMethod):
@@ -417,9 +429,8 @@ class GramianWeighting(_GradientMethod):
             gramian = distributed.all_reduce_sum_(gramian) / distributed.world_size() ** 2
         weights = self.weights(gramian, losses).to(gramian.dtype)
         self.last_weights.copy_(weights.detach())
-        norms, cosines = gramian_statistics(gramian)
         # reported in float32 like the reused weights, whatever the Jacobian's dtype
-        step = BalanceStep(weights=weights.detach().float(), grad_norms=norms, cosines=cosines)
+        step = BalanceStep(weights=weights.detach().float(), gramian=gramian.detach())
         return engine.rows_weighted_sum(jacobian, weights), step
 
     def get_extra_state(self) -> Any:
