@@ -3,11 +3,12 @@ with the Gramian, its state and its parameter checks."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import manytask as mt
-from manytask.balance.aggregation.sdmgrad import SDMGrad, sdmgrad_inner
+from manytask.balance.aggregation.sdmgrad import SDMGrad, _inner_steps, _pair_steps, sdmgrad_inner
 from manytask.errors import ConfigError
 from tests.peers import manytask_direction, require
 
@@ -107,3 +108,18 @@ def test_a_non_finite_step_leaves_the_state_alone():
 def test_invalid_parameters_are_refused(params):
     with pytest.raises(ConfigError, match=next(iter(params))):
         mt.balance.get("sdmgrad", NAMES, **params)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_two_tasks_in_python_floats_match_the_numpy_steps(seed):
+    """Two tasks take a path of Python floats; it agrees with the general steps, including
+    starts and Gramians where a coordinate leaves the simplex's support."""
+    g = torch.Generator().manual_seed(seed)
+    jac = torch.randn(2, 5, generator=g, dtype=torch.float64) * torch.tensor([[1.0], [30.0]])
+    gramian = (jac @ jac.T).numpy()
+    start = torch.rand(2, generator=g, dtype=torch.float64)
+    start = (start / start.sum()).numpy()
+    for lr, momentum in [(10.0, 0.5), (1.0, 0.0), (0.1, 0.9)]:
+        general = _inner_steps(gramian, start, 0.3, lr, momentum, 20)
+        pair = _pair_steps(gramian.tolist(), start.tolist(), 0.3, lr, momentum, 20)
+        assert np.allclose(pair, general, rtol=0, atol=1e-12), (lr, momentum, pair, general)

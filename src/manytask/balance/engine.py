@@ -382,12 +382,13 @@ def _factored_backward(
     """:func:`one_pass_feature_backward` with the rows as :class:`LinearHeadRows`: a hook
     before each head's first product records ``δᵢ``, the gradient of its output."""
     dtype = jacobian_dtype(base.dtype)
-    maps = []
+    pieces = []
     for node in nodes:
         product = node._saved_mat2
         alpha = getattr(node, "_saved_alpha", 1)
-        maps.append((product if alpha == 1 else product * alpha).to(dtype))
-    widths = [m.shape[1] for m in maps]
+        pieces.append(product if alpha == 1 else product * alpha)
+    widths = [m.shape[1] for m in pieces]
+    maps = torch.cat(pieces, dim=1).to(dtype)  # cast once, not per head
     deltas: list[Tensor | None] = [None] * len(nodes)
 
     def keep(index: int) -> Callable[[tuple[Tensor | None, ...]], None]:
@@ -398,10 +399,10 @@ def _factored_backward(
 
     def replace(_total: Tensor) -> Tensor:
         columns = [
-            base.new_zeros(base.shape[0], width, dtype=dtype) if delta is None else delta.to(dtype)
+            base.new_zeros(base.shape[0], width) if delta is None else delta
             for delta, width in zip(deltas, widths, strict=True)
         ]
-        rows = LinearHeadRows(torch.cat(columns, dim=1), torch.cat(maps, dim=1), widths)
+        rows = LinearHeadRows(torch.cat(columns, dim=1).to(dtype), maps, widths)
         return combine(rows).view_as(base).to(base.dtype)
 
     handles = [node.register_prehook(keep(i)) for i, node in enumerate(nodes)]

@@ -45,6 +45,7 @@ unchanged. Shared parameters receive ``d``; task-specific parameters their own t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,8 @@ from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.simplex import project_simplex
 from manytask.errors import ConfigError
 
+_TINY = float(np.finfo(np.float64).tiny)  # the smallest scale² the steps divide by
+
 
 def sdmgrad_inner(
     gramian: Tensor, start: Tensor, lam: float, lr: float, momentum: float, iterations: int
@@ -64,10 +67,14 @@ def sdmgrad_inner(
     """The inner weights ``w`` after ``iterations`` projected momentum steps from ``start``.
 
     The steps are a dozen operations on length-``T`` vectors each; on a CPU they run in numpy
-    (0.17 against 0.53 ms for the default 20 steps at 2 tasks), elsewhere in torch on the device.
+    (0.17 against 0.53 ms for the default 20 steps at 2 tasks), with two tasks in Python floats
+    (:func:`_pair_steps`), elsewhere in torch on the device.
     """
     g = gramian.detach().double()
     w = start.detach().to(g)
+    if g.device.type == "cpu" and g.shape[0] == 2:
+        steps = _pair_steps(g.tolist(), w.tolist(), lam, lr, momentum, iterations)
+        return torch.tensor(steps, dtype=torch.float64)
     if g.device.type == "cpu":
         with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
             return torch.from_numpy(
@@ -77,11 +84,34 @@ def sdmgrad_inner(
     return result
 
 
+def _pair_steps(
+    g: list[list[float]], w: list[float], lam: float, lr: float, momentum: float, iterations: int
+) -> list[float]:
+    """:func:`_inner_steps` for two tasks, in Python floats: the projection of ``u`` onto the
+    2-simplex is ``wᵢ = clip((1 + uᵢ − uⱼ) / 2, 0, 1)`` (the sort-based projection's answer with
+    two entries), and twenty steps of a few float operations take a fraction of the numpy
+    calls' time (0.02 against 0.17 ms)."""
+    (g11, g12), (g21, g22) = g
+    scale = (math.sqrt(max(g11, 0.0)) + math.sqrt(max(g22, 0.0))) / 2
+    square = max(scale * scale, _TINY)
+    a11, a12, a21, a22 = g11 / square, g12 / square, g21 / square, g22 / square
+    pull1, pull2 = (a11 + a12) * (lam / 2), (a21 + a22) * (lam / 2)
+    w1, w2 = w
+    v1 = v2 = 0.0  # the momentum starts at zero on every training step
+    for _ in range(iterations):
+        v1 = momentum * v1 + (a11 * w1 + a12 * w2) + pull1
+        v2 = momentum * v2 + (a21 * w1 + a22 * w2) + pull2
+        u1, u2 = w1 - lr * v1, w2 - lr * v2
+        w1 = min(max((1.0 + u1 - u2) / 2, 0.0), 1.0)
+        w2 = min(max((1.0 + u2 - u1) / 2, 0.0), 1.0)
+    return [w1, w2]
+
+
 def _inner_steps(g: Any, w: Any, lam: float, lr: float, momentum: float, iterations: int) -> Any:
     """The projected momentum steps on a float64 tensor or numpy array."""
     t = g.shape[0]
     scale = (g.diagonal().clip(min=0) ** 0.5).mean()
-    a = g / (scale * scale).clip(min=np.finfo(np.float64).tiny)
+    a = g / (scale * scale).clip(min=_TINY)
     pull = a.sum(-1) * (lam / t)  # A (λ w̃) with the uniform preference w̃
     velocity: Any = 0.0  # the momentum starts at zero on every training step
     for _ in range(iterations):
