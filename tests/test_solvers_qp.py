@@ -16,7 +16,15 @@ import torch
 
 from manytask.balance.solvers.cagrad import cagrad_dual
 from manytask.balance.solvers.eigh import psd_pseudo_inverse, symmetric_eigh
-from manytask.balance.solvers.qp import _interior_point, dual_cone_weights, nonneg_qp
+from manytask.balance.solvers.precision import relative_rounding
+from manytask.balance.solvers.qp import (
+    _interior_point,
+    _solve,
+    _two_task_projection,
+    _working,
+    dual_cone_weights,
+    nonneg_qp,
+)
 from tests.peers import require
 
 
@@ -472,3 +480,35 @@ def test_enumerated_supports_certify_small_problems_as_the_pivoting_does():
     assert certified.all()
     zero, certified = qp._enumerated(np.zeros((2, 2)), np.zeros((2, 2)))
     assert certified.all() and not zero.any()
+
+
+def test_two_task_projection_in_closed_form_satisfies_kkt_and_matches_the_general_solver():
+    """Two tasks take vᵢ = max(uᵢ, −G₁₂uⱼ / Gᵢᵢ); on plain, duplicate, exactly opposite and
+    zero gradients it satisfies the KKT conditions and gives the general solver's direction."""
+    gen = torch.Generator().manual_seed(5)
+    worst = [0.0, 0.0, 0.0]
+    for i in range(400):
+        kind = ["plain", "duplicate", "zero", "plain"][i % 4]
+        jacobian = random_jacobian(gen, 2, 1 + i % 4, kind)
+        if i % 5 == 0:  # exactly opposite, of unequal norms
+            jacobian[1] = -3.0 * jacobian[0]
+        gramian = jacobian @ jacobian.T
+        anchors = torch.rand(2, 3, generator=gen, dtype=torch.float64)
+        v = dual_cone_weights(gramian, anchors)
+        worst = [max(a, b) for a, b in zip(worst, kkt_residuals(gramian, anchors, v), strict=True)]
+        g, u = _working(gramian, anchors)
+        general = u + _solve(g, g @ u, 25, relative_rounding(gramian))
+        difference = jacobian.T @ (v - torch.as_tensor(general))
+        assert float(difference.abs().max()) <= 1e-8 * float(jacobian.abs().max()) + 1e-300
+        assert torch.equal(v, torch.as_tensor(_two_task_projection(g, u)))  # the path taken
+    assert worst[0] == 0.0
+    assert worst[1] < 1e-13
+    assert worst[2] < 1e-13
+
+
+def test_two_task_projection_by_hand():
+    # G = [[1, −2], [−2, 9]], u = (0.2, 0.6): (Gu)₁ = 0.2 − 1.2 < 0 raises v₁ to 2·0.6/1 = 1.2,
+    # where (Gv)₁ = 0 and (Gv)₂ = −2.4 + 5.4 = 3 ≥ 0; (Gu)₂ = −0.4 + 5.4 > 0 leaves v₂ = u₂
+    gramian = torch.tensor([[1.0, -2.0], [-2.0, 9.0]], dtype=torch.float64)
+    v = dual_cone_weights(gramian, torch.tensor([[0.2], [0.6]], dtype=torch.float64))
+    assert torch.allclose(v[:, 0], torch.tensor([1.2, 0.6], dtype=torch.float64))

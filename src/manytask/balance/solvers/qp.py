@@ -35,7 +35,8 @@ to (a crossover). On 40 conflicting tasks this takes the projections of UPGrad f
 0.8 ms on a 2-core CPU. With at most 7 tasks the pivoting is replaced by trying every support
 in numpy (:func:`_enumerated`: all ``2^T`` systems in one batched solve, under the same
 certificate), and :func:`dual_cone_weights` then runs in numpy from the Gramian to the weights:
-with two tasks UPGrad's weights take 0.06 instead of 0.13 ms, with five 0.08 instead of 0.30 ms.
+with five tasks UPGrad's weights take 0.08 instead of 0.30 ms. With two tasks the projection has
+a closed form (:func:`_two_task_projection`; UPGrad's weights 0.05 ms, DualProj's 0.03 ms).
 
 :func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
 (Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
@@ -311,11 +312,32 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     For each column ``u`` of ``anchors`` (``(T,)`` or ``(T, K)``), returns
     ``v = argmin_{v ≥ u} vᵀ G v`` (float64), so that the projection is ``Jᵀ v``. With at most 7
     tasks on a CPU the whole computation runs in numpy, whose operations on a few numbers cost a
-    fraction of torch's.
+    fraction of torch's; two tasks are solved in closed form.
     """
     g, u = _working(gramian, anchors)
     xp = namespace(g)
-    v = u + _solve(g, g @ u, iterations, relative_rounding(gramian))
+    if g.shape[0] == 2:
+        v = _two_task_projection(g, u)
+    else:
+        v = u + _solve(g, g @ u, iterations, relative_rounding(gramian))
     # should rounding still leave a problem without a minimiser, keep that anchor unprojected
     # rather than return inf or NaN
     return torch.as_tensor(xp.where(xp.isfinite(v).all(0), v, u))
+
+
+def _two_task_projection(g: Any, u: Any) -> Any:
+    """``argmin_{v ≥ u} vᵀ G v`` for two tasks in closed form, for each column ``u``.
+
+    The gradient of the objective at ``u`` is ``2Gu``, and ``uᵀGu ≥ 0`` keeps its two entries
+    from both being negative. Where ``(Gu)₁ < 0``, the minimiser raises ``v₁`` alone to
+    ``−G₁₂u₂ / G₁₁``, where ``(Gv)₁ = 0`` (then ``(Gv)₂ = u₂(G₂₂ − G₁₂²/G₁₁) ≥ 0``: KKT holds);
+    symmetrically for ``v₂``; elsewhere ``v = u``. So ``vᵢ = max(uᵢ, −G₁₂uⱼ / Gᵢᵢ)``, and a zero
+    gradient (``Gᵢᵢ = 0``, hence ``G₁₂ = 0``) leaves its entry at ``uᵢ``. The general solver's
+    rounding shift is not needed: nothing here is factorised.
+    """
+    xp = namespace(g)
+    off = 0.5 * (g[0, 1] + g[1, 0])
+    diagonal = g.diagonal()[:, None]
+    positive = diagonal > 0
+    raised = -off * u[[1, 0]] / xp.where(positive, diagonal, 1.0)
+    return xp.where(positive, xp.maximum(u, raised), u)
