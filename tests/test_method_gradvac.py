@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
 import manytask as mt
-from manytask.balance.aggregation.gradvac import GradVac, gradvac_weights
+from manytask.balance.aggregation.gradvac import GradVac, _pair_rounds, _rounds, gradvac_weights
 from manytask.errors import ConfigError
 from tests.peers import libmtl_direction, manytask_direction, require, torchjd_direction
 
@@ -193,3 +194,25 @@ def test_a_non_finite_step_leaves_the_state_alone():
 def test_invalid_beta_is_refused(beta):
     with pytest.raises(ConfigError, match="beta"):
         mt.balance.get("gradvac", ["a", "b"], beta=beta)
+
+
+def test_two_tasks_in_python_floats_match_the_vectorised_rounds():
+    """Two tasks take a path of Python floats; it gives the general rounds' weights and targets,
+    including zero gradients, opposite ones and targets near ±1."""
+    gen = torch.Generator().manual_seed(7)
+    for case in range(300):
+        jac = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+        if case % 5 == 0:
+            jac[case % 2] = 0.0
+        elif case % 5 == 1:
+            jac[1] = -2.0 * jac[0]
+        gramian = (jac @ jac.T).numpy()
+        targets = (torch.rand(2, 2, generator=gen, dtype=torch.float64) * 2 - 1).numpy()
+        if case % 7 == 0:
+            targets[0, 1] = 1.0
+        np.fill_diagonal(targets, 0.0)
+        for order in ([[0, 1], [1, 0]], [[1, 0], [0, 1]]):
+            weights, updated = _rounds(np, gramian, targets, np.array(order), 0.5)
+            pair, pair_updated = _pair_rounds(gramian.tolist(), targets.tolist(), 0.5)
+            assert np.allclose(pair, weights, rtol=1e-12, atol=1e-12), (case, pair, weights)
+            assert np.allclose(pair_updated, updated, rtol=0, atol=1e-15), case

@@ -48,6 +48,7 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,10 +70,14 @@ def gradvac_weights(
     ``orders[i]`` is a permutation of all task indices: the order in which task ``i`` visits
     the others (it skips itself). ``targets`` is the ``(T, T)`` matrix of EMA targets. The
     ``T`` rounds are ~20 operations on length-``T`` vectors each; on a CPU they run in numpy,
-    whose small operations cost a quarter of torch's (0.7 against 3 ms at 40 tasks).
+    whose small operations cost a quarter of torch's (0.7 against 3 ms at 40 tasks), and with
+    two tasks in Python floats (:func:`_pair_rounds`).
     """
     g = gramian.detach().double()
     phi_hat = targets.detach().to(g)
+    if g.device.type == "cpu" and g.shape[0] == 2:  # each task has one partner: no order
+        pair, updated_pair = _pair_rounds(g.tolist(), phi_hat.tolist(), beta)
+        return torch.tensor(pair, dtype=gramian.dtype), torch.tensor(updated_pair).to(g)
     if g.device.type == "cpu":
         with np.errstate(all="ignore"):  # a non-finite Gramian (AMP overflow): as torch, silent
             weights, updated = _rounds(np, g.numpy(), phi_hat.numpy(), orders.numpy(), beta)
@@ -80,6 +85,28 @@ def gradvac_weights(
     else:
         weights, updated = _rounds(torch, g, phi_hat, orders, beta)
     return weights.to(gramian.dtype), updated
+
+
+def _pair_rounds(
+    g: list[list[float]], targets: list[list[float]], beta: float
+) -> tuple[list[float], list[list[float]]]:
+    """:func:`_rounds` for two tasks, in Python floats: each task visits its one partner with
+    its own, uncorrected gradient, so both see the same cosine ``φ = G₁₂ / (‖g₁‖‖g₂‖)`` and
+    ``d = (1 + c₂) g₁ + (1 + c₁) g₂`` with ``cᵢ`` the correction of task ``i``."""
+    norms = [math.sqrt(max(g[0][0], 0.0)), math.sqrt(max(g[1][1], 0.0))]
+    valid = norms[0] > 0 and norms[1] > 0
+    phi = min(max(g[0][1] / (norms[0] * norms[1]), -1.0), 1.0) if valid else 0.0
+    root_phi = math.sqrt(max(1.0 - phi * phi, 0.0))
+    corrections = []
+    for i, j in ((0, 1), (1, 0)):
+        goal = targets[i][j]
+        root_goal = math.sqrt(max(1.0 - goal * goal, 0.0))
+        step = (norms[i] / norms[j]) * (goal * root_phi - phi * root_goal) if valid else 0.0
+        corrections.append(step / max(root_goal, 1e-12) if valid and phi < goal else 0.0)
+    updated = [row[:] for row in targets]
+    updated[0][1] = (1.0 - beta) * targets[0][1] + beta * phi
+    updated[1][0] = (1.0 - beta) * targets[1][0] + beta * phi
+    return [1.0 + corrections[1], 1.0 + corrections[0]], updated
 
 
 def _rounds(xp: Any, g: Any, targets: Any, orders: Any, beta: float) -> tuple[Any, Any]:
