@@ -319,8 +319,9 @@ class _GradientMethod(Balancer):
         self.mode = mode
         return self
 
-    #: the method needs only ``J Jᵀ`` and ``Jᵀw``, so feature mode may hand it the rows as
-    #: linear-head factors (:class:`~manytask.balance.engine.LinearHeadRows`)
+    #: the method takes its rows as linear-head factors
+    #: (:class:`~manytask.balance.engine.LinearHeadRows`) in feature mode: the Gramian methods,
+    #: which need only ``J Jᵀ`` and ``Jᵀw``, and GradDrop, whose sums factor too
     _reads_factors: ClassVar[bool] = False
 
     @abc.abstractmethod

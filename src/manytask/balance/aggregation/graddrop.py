@@ -46,12 +46,13 @@ import torch
 from torch import Tensor
 
 from manytask import registry
-from manytask.balance.base import JacobianAggregator
+from manytask.balance.base import BalanceStep, JacobianAggregator
+from manytask.balance.engine import FeatureRows, LinearHeadRows
 from manytask.balance.randomness import host_to_device, seeded_generator
 from manytask.errors import ConfigError
 
 
-def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor | None) -> Tensor:
+def graddrop_direction(jacobian: FeatureRows, uniform: Tensor, leak: Tensor | None) -> Tensor:
     """GradDrop's direction for ``(T, P)`` gradients, ``(P,)`` uniform draws and ``(T,)`` leaks
     (``None``: no leak).
 
@@ -61,23 +62,45 @@ def graddrop_direction(jacobian: Tensor, uniform: Tensor, leak: Tensor | None) -
     ``P > U`` is tested as ``Σᵢ gᵢ > (2U − 1) Σᵢ |gᵢ|``, which needs no division and holds for
     neither sign on a coordinate whose gradients are all zero (its direction is zero anyway).
     Computed that way the rule takes one pass over the Jacobian and a dozen over its columns,
-    instead of masks of the Jacobian's size.
+    instead of masks of the Jacobian's size; with one-output linear heads
+    (:class:`~manytask.balance.engine.LinearHeadRows` of width 1) the sums come from the factors
+    and the rows are never formed (see :func:`_signed_sums`).
     """
-    positive = jacobian.clamp_min(0.0)
-    plus = positive.sum(dim=0)
-    total = jacobian.sum(dim=0)
-    threshold = uniform.to(jacobian) * 2.0 - 1.0
+    if isinstance(jacobian, LinearHeadRows) and any(width != 1 for width in jacobian.widths):
+        jacobian = jacobian.dense()  # |δ Mᵀ| factors only for one column per task
+    total, plus = _signed_sums(jacobian, None)
+    threshold = uniform.to(total) * 2.0 - 1.0
     threshold.mul_(plus * 2.0 - total)  # (2U − 1) Σ |gᵢ|, with Σ |gᵢ| = 2 Σ max(gᵢ, 0) − Σ gᵢ
     take_up, take_down = total > threshold, total < threshold
     if leak is None:
         up, down = plus, total.sub_(plus)
     else:
-        leak = leak.to(jacobian)
-        keep = (1.0 - leak)[None, :]
-        up = (keep @ positive)[0]
-        down = (keep @ jacobian)[0].sub_(up)
+        leak = leak.to(total)
+        kept_total, up = _signed_sums(jacobian, 1.0 - leak)
+        down = kept_total.sub_(up)
     kept = up.mul(take_up).add_(down.mul_(take_down))
-    return kept if leak is None else (leak[None, :] @ jacobian)[0].add_(kept)
+    return kept if leak is None else _signed_sums(jacobian, leak)[0].add_(kept)
+
+
+def _signed_sums(jacobian: FeatureRows, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``Σᵢ wᵢ gᵢ`` and ``Σᵢ wᵢ max(gᵢ, 0)`` per coordinate (``w = 1`` for None).
+
+    For rows ``gᵢ = δᵢ mᵢᵀ`` of one-output linear heads, ``|gᵢ| = |δᵢ| |mᵢ|ᵀ``, so both sums are
+    products of ``(B, T)`` and ``(T, D)`` matrices: ``Σ wᵢ gᵢ = (Δ diag w) Mᵀ`` and
+    ``Σ wᵢ max(gᵢ, 0) = ½ (Σ wᵢ gᵢ + (|Δ| diag w) |M|ᵀ)``.
+    """
+    if isinstance(jacobian, LinearHeadRows):
+        deltas, maps = jacobian.deltas, jacobian.maps
+        if weights is not None:
+            deltas = deltas * weights.to(deltas)
+        total = (deltas @ maps.T).reshape(-1)
+        magnitude = (deltas.abs() @ maps.abs().T).reshape(-1)
+        return total, (total + magnitude).mul_(0.5)
+    positive = jacobian.clamp_min(0.0)
+    if weights is None:
+        return jacobian.sum(dim=0), positive.sum(dim=0)
+    row = weights.to(jacobian)[None, :]
+    return (row @ jacobian)[0], (row @ positive)[0]
 
 
 @registry.register(
@@ -115,12 +138,25 @@ class GradDrop(JacobianAggregator):
         self.leak = tuple(float(value) for value in leaks)
         self.generator = seeded_generator(seed)
 
+    # in feature mode the rows of one-output linear heads come as factors (_signed_sums)
+    _reads_factors = True
+
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
-        uniform = torch.rand(jacobian.shape[1], generator=self.generator, dtype=jacobian.dtype)
-        device = jacobian.device
+        return self._direction(jacobian)
+
+    def _combine(self, jacobian: FeatureRows, losses: Tensor) -> tuple[Tensor, BalanceStep]:
+        return self._direction(jacobian), BalanceStep(weights=None)
+
+    def _direction(self, jacobian: FeatureRows) -> Tensor:
+        if isinstance(jacobian, LinearHeadRows):
+            dtype, device = jacobian.deltas.dtype, jacobian.deltas.device
+            coordinates = jacobian.deltas.shape[0] * jacobian.maps.shape[0]
+        else:
+            dtype, device, coordinates = jacobian.dtype, jacobian.device, jacobian.shape[1]
+        uniform = torch.rand(coordinates, generator=self.generator, dtype=dtype)
         leak = None
         if any(self.leak):
-            leak = host_to_device(torch.tensor(self.leak, dtype=jacobian.dtype), device)
+            leak = host_to_device(torch.tensor(self.leak, dtype=dtype), device)
         return graddrop_direction(jacobian, host_to_device(uniform, device), leak)
 
     def get_extra_state(self) -> Any:
