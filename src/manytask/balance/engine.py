@@ -365,12 +365,7 @@ def one_pass_feature_backward(
         return combine(jacobian).view_as(base).to(base.dtype)
 
     handles = [view.register_hook(keep(i)) for i, view in enumerate(views)]
-    handles.append(base.register_hook(replace))
-    try:
-        torch.stack(list(losses)).sum().backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _sum_backward(losses, [*handles, base.register_hook(replace)])
 
 
 def _factored_backward(
@@ -406,7 +401,11 @@ def _factored_backward(
         return combine(rows).view_as(base).to(base.dtype)
 
     handles = [node.register_prehook(keep(i)) for i, node in enumerate(nodes)]
-    handles.append(base.register_hook(replace))
+    _sum_backward(losses, [*handles, base.register_hook(replace)])
+
+
+def _sum_backward(losses: Sequence[Tensor], handles: Sequence[Any]) -> None:
+    """One backward pass of ``Σᵢ Lᵢ``, then the hooks in ``handles`` are removed."""
     try:
         torch.stack(list(losses)).sum().backward()
     finally:
