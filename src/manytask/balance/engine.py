@@ -15,9 +15,12 @@ architectures do), :func:`one_pass_feature_backward` needs a single backward pas
 itself — which runs once every view's gradient is known — computes the direction from them and
 replaces the gradient that flows into the encoder. Heads receive their own tasks' gradients,
 the encoder receives ``∂Z/∂θ · dZ``; the cost is that of equal weighting plus the method's rule.
-For a representation given any other way, :func:`feature_jacobian` differentiates each loss
-with respect to ``Z`` (through the heads only) and :func:`backward_through_features` runs the
-one backward pass through the encoder.
+When every head begins with a narrow linear map of its view (:class:`LinearHeads` finds it in
+the autograd graph), the hooks record the gradients of those maps' outputs instead, and the
+method receives the rows as factors (:class:`LinearHeadRows`), whose Gramian costs a small
+fraction of the rows'. For a representation given any other way, :func:`feature_jacobian`
+differentiates each loss with respect to ``Z`` (through the heads only) and
+:func:`backward_through_features` runs the one backward pass through the encoder.
 
 Nothing here reads a value back to the host.
 """
