@@ -52,6 +52,14 @@ def problems(count: int, max_tasks: int, seed: int = 0):
 # --- non-negative QP and dual-cone projection ------------------------------------------------
 
 
+def pivoting(g, b, support, rounds):
+    """:func:`qp._pivoting` (numpy, a CPU's solver) on tensors, answering tensors."""
+    from manytask.balance.solvers import qp
+
+    z, certified = qp._pivoting(g.numpy(), b.numpy(), support.numpy(), rounds)
+    return torch.from_numpy(z), torch.from_numpy(certified)
+
+
 def kkt_residuals(gramian, anchors, v):
     """Violations of v ≥ u, Gv ≥ 0 and (v − u)ᵀ(Gv) = 0, relative to the mean diagonal."""
     scale = (gramian.diagonal().mean()).clamp_min(1e-300)
@@ -397,7 +405,7 @@ def test_pivoting_certifies_full_rank_problems_and_matches_the_interior_point():
         g = g / g.diagonal().mean()
         g = 0.5 * (g + g.T)
         b = g / t  # the dual-cone problems of the anchors e_k / T
-        fast, certified = qp._pivoting(g, b, b < 0, 60)
+        fast, certified = pivoting(g, b, b < 0, 60)
         certified_total += int(certified.sum())
         problems_total += t
         fast, b_ok = fast[:, certified], b[:, certified]
@@ -410,7 +418,7 @@ def test_pivoting_certifies_full_rank_problems_and_matches_the_interior_point():
     for t in (2, 10, 40):  # Gaussian gradients: well conditioned, half the pairs conflicting
         jacobian = torch.randn(t, 4 * t, generator=gen, dtype=torch.float64)
         g = jacobian @ jacobian.T
-        _, certified = qp._pivoting(g, g / t, g < 0, qp._PIVOT_ROUNDS)
+        _, certified = pivoting(g, g / t, g < 0, qp._PIVOT_ROUNDS)
         assert certified.all(), t
 
 
@@ -420,13 +428,13 @@ def test_pivoting_leaves_singular_supports_to_the_interior_point():
     duplicate = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     b = torch.tensor([[-1.0], [-1.0]], dtype=torch.float64)
     # both coordinates descend at zero: the guess {0, 1} is singular and is not certified
-    _, certified = qp._pivoting(duplicate, b, b < 0, qp._PIVOT_ROUNDS)
+    _, certified = pivoting(duplicate, b, b < 0, qp._PIVOT_ROUNDS)
     assert not certified.any()
     # nonneg_qp hands it to the interior point, which finds a minimiser (z₀ + z₁ = 1)
     z = nonneg_qp(duplicate, b[:, 0])
     assert float(z.sum()) == pytest.approx(1.0, abs=1e-9) and (z >= 0).all()
     # one coordinate on the support is regular: pivoting finds z = (1, 0) from that guess
-    z, certified = qp._pivoting(duplicate, b, torch.tensor([[True], [False]]), 1)
+    z, certified = pivoting(duplicate, b, torch.tensor([[True], [False]]), 1)
     assert certified.all() and z[:, 0].tolist() == [1.0, 0.0]
 
 
@@ -466,7 +474,7 @@ def test_enumerated_supports_certify_small_problems_as_the_pivoting_does():
             z = torch.from_numpy(found)
             assert certified.all()
             assert (z >= 0).all() and float((g @ z + b).clamp_max(0).abs().sum()) <= 1e-10
-            pivoted, sure = qp._pivoting(g, b, b < 0, 60)
+            pivoted, sure = pivoting(g, b, b < 0, 60)
             assert torch.allclose(z[:, sure], pivoted[:, sure], atol=1e-9)
     twin = torch.randn(1, 5, generator=gen, dtype=torch.float64)
     jacobian = torch.cat([twin, twin, -twin])  # duplicate and opposite tasks: rank one
