@@ -68,39 +68,42 @@ def graddrop_direction(jacobian: FeatureRows, uniform: Tensor, leak: Tensor | No
     """
     if isinstance(jacobian, LinearHeadRows) and any(width != 1 for width in jacobian.widths):
         jacobian = jacobian.dense()  # |δ Mᵀ| factors only for one column per task
-    total, plus = _signed_sums(jacobian, None)
+    if leak is None:
+        total, plus = _signed_sums(jacobian, None)
+    else:  # the plain, kept and leaked sums from one pass: weights 1, 1 − ℓ and ℓ
+        weights = torch.stack([torch.ones_like(leak), 1.0 - leak, leak])
+        totals, positives = _signed_sums(jacobian, weights)
+        total, plus = totals[0], positives[0]
     threshold = uniform.to(total) * 2.0 - 1.0
     threshold.mul_(plus * 2.0 - total)  # (2U − 1) Σ |gᵢ|, with Σ |gᵢ| = 2 Σ max(gᵢ, 0) − Σ gᵢ
     take_up, take_down = total > threshold, total < threshold
     if leak is None:
         up, down = plus, total.sub_(plus)
     else:
-        leak = leak.to(total)
-        kept_total, up = _signed_sums(jacobian, 1.0 - leak)
-        down = kept_total.sub_(up)
+        up, down = positives[1], totals[1].sub(positives[1])
     kept = up.mul(take_up).add_(down.mul_(take_down))
-    return kept if leak is None else _signed_sums(jacobian, leak)[0].add_(kept)
+    return kept if leak is None else totals[2].add(kept)
 
 
 def _signed_sums(jacobian: FeatureRows, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``Σᵢ wᵢ gᵢ`` and ``Σᵢ wᵢ max(gᵢ, 0)`` per coordinate (``w = 1`` for None).
+    """``Σᵢ wᵢ gᵢ`` and ``Σᵢ wᵢ max(gᵢ, 0)`` per coordinate: ``(P,)`` each for ``w = 1``
+    (None), ``(m, P)`` for ``m`` rows of non-negative weights ``(m, T)``.
 
     For rows ``gᵢ = δᵢ mᵢᵀ`` of one-output linear heads, ``|gᵢ| = |δᵢ| |mᵢ|ᵀ``, so both sums are
     products of ``(B, T)`` and ``(T, D)`` matrices: ``Σ wᵢ gᵢ = (Δ diag w) Mᵀ`` and
-    ``Σ wᵢ max(gᵢ, 0) = ½ (Σ wᵢ gᵢ + (|Δ| diag w) |M|ᵀ)``.
+    ``Σ wᵢ max(gᵢ, 0) = ½ (Σ wᵢ gᵢ + (|Δ| diag w) |M|ᵀ)``. Dense rows are clamped once.
     """
     if isinstance(jacobian, LinearHeadRows):
         deltas, maps = jacobian.deltas, jacobian.maps
-        if weights is not None:
-            deltas = deltas * weights.to(deltas)
-        total = (deltas @ maps.T).reshape(-1)
-        magnitude = (deltas.abs() @ maps.abs().T).reshape(-1)
+        scaled = deltas if weights is None else deltas * weights.to(deltas)[:, None, :]
+        total = (scaled @ maps.T).flatten(-2)
+        magnitude = (scaled.abs() @ maps.abs().T).flatten(-2)
         return total, (total + magnitude).mul_(0.5)
     positive = jacobian.clamp_min(0.0)
     if weights is None:
         return jacobian.sum(dim=0), positive.sum(dim=0)
-    row = weights.to(jacobian)[None, :]
-    return (row @ jacobian)[0], (row @ positive)[0]
+    weights = weights.to(jacobian)
+    return weights @ jacobian, weights @ positive
 
 
 @registry.register(

@@ -35,9 +35,10 @@ interior point, which on a CPU also tries, every few iterations, the support its
 to (a crossover). On 40 conflicting tasks this takes the projections of UPGrad from 9.4 ms to
 0.8 ms on a 2-core CPU. With at most 7 tasks the pivoting is replaced by trying every support
 in numpy (:func:`_enumerated`: all ``2^T`` systems in one batched solve, under the same
-certificate), and :func:`dual_cone_weights` then runs in numpy from the Gramian to the weights:
-with five tasks UPGrad's weights take 0.08 instead of 0.30 ms. With two tasks the projection has
-a closed form (:func:`_two_task_projection`; UPGrad's weights 0.05 ms, DualProj's 0.03 ms).
+certificate); on a CPU :func:`dual_cone_weights` runs in numpy from the Gramian to the weights
+(with five tasks UPGrad's weights take 0.08 instead of 0.30 ms in torch). With two tasks the
+projection has a closed form (:func:`_two_task_projection`; UPGrad's weights 0.05 ms,
+DualProj's 0.03 ms).
 
 :func:`dual_cone_weights` uses it for the projection onto the dual cone of the rows of ``J``
 (Quinton and Rey, arXiv:2406.16232, Proposition 1): the projection of :math:`J^\top u` is
@@ -340,9 +341,9 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     """Weights of the projections of ``Jᵀ u`` onto the dual cone ``{x : J x ≥ 0}``.
 
     For each column ``u`` of ``anchors`` (``(T,)`` or ``(T, K)``), returns
-    ``v = argmin_{v ≥ u} vᵀ G v`` (float64), so that the projection is ``Jᵀ v``. With at most 7
-    tasks on a CPU the whole computation runs in numpy, whose operations on a few numbers cost a
-    fraction of torch's; two tasks are solved in closed form.
+    ``v = argmin_{v ≥ u} vᵀ G v`` (float64), so that the projection is ``Jᵀ v``. On a CPU the
+    whole computation runs in numpy, whose operations on a few numbers cost a fraction of
+    torch's (the interior-point fallback excepted); two tasks are solved in closed form.
     """
     g, u = _working(gramian, anchors)
     xp = namespace(g)
