@@ -438,6 +438,33 @@ def test_pivoting_leaves_singular_supports_to_the_interior_point():
     assert certified.all() and z[:, 0].tolist() == [1.0, 0.0]
 
 
+def test_systems_gathered_onto_their_supports_solve_as_the_padded_ones(monkeypatch):
+    """From 20 variables on, :func:`qp._on_supports` gathers each system onto its support; the
+    answers equal those of the systems padded to ``T`` (one column has an empty support, one a
+    singular ``A_SS`` — two equal gradients — which both forms report as unsolved)."""
+    from manytask.balance.solvers import qp
+
+    gen = np.random.default_rng(3)
+    t = 24
+    jacobian = gen.standard_normal((t, 3 * t))
+    jacobian[1] = jacobian[0]
+    a = jacobian @ jacobian.T
+    b = gen.standard_normal((t, 9))
+    support = gen.random((t, 9)) < 0.5
+    support[:, 0] = False  # empty
+    support[:2, 1] = True  # holds the two equal rows: singular
+    gathered = qp._on_supports(a, b, support)
+    monkeypatch.setattr(qp, "_GATHER_FROM", t + 1)
+    padded = qp._on_supports(a, b, support)
+    assert gathered[1].tolist() == padded[1].tolist() and not gathered[1][1]
+    assert np.allclose(gathered[0], padded[0], rtol=1e-9, atol=1e-12)
+    assert (gathered[0][~support] == 0).all() and (gathered[0][:, 0] == 0).all()
+    # the solved columns satisfy their systems
+    for k in np.flatnonzero(gathered[1]):
+        on = support[:, k]
+        assert np.allclose(a[np.ix_(on, on)] @ gathered[0][on, k], -b[on, k])
+
+
 def test_interior_point_crossover_gives_the_plain_iterations_answer():
     """The CPU crossover returns certified answers on a support; on rank-deficient problems
     (where minimisers need not be unique) the directions ``Jᵀz`` still agree with the plain

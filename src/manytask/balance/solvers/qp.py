@@ -91,19 +91,14 @@ def _support_solve(
     """For each column ``k`` of ``b`` (``(T, K)``), the minimiser that is zero off the support
     ``S = support[:, k]``: ``A_SS z_S = −b_S``, clipped at zero.
 
-    All columns share one batched solve in numpy (each system is padded with the identity off
-    its support; on a CPU a numpy round costs a third of torch's: 0.04 against 0.12 ms at ten
-    tasks). Returns ``z``, whether each column is certified optimal — its system was solved
-    and the KKT conditions hold to ``1e-12·max(1, max|b|)``: ``z ≥ 0``, a zero gradient
-    ``Az + b`` on the support, a non-negative one off it — and the coordinates that violate
-    them (``z < 0`` on the support, a negative gradient off it).
+    All columns share one batched solve in numpy (on a CPU a numpy round costs a third of
+    torch's: 0.04 against 0.12 ms at ten tasks; see :func:`_on_supports`). Returns ``z``,
+    whether each column is certified optimal — its system was solved and the KKT conditions
+    hold to ``1e-12·max(1, max|b|)``: ``z ≥ 0``, a zero gradient ``Az + b`` on the support, a
+    non-negative one off it — and the coordinates that violate them (``z < 0`` on the
+    support, a negative gradient off it).
     """
-    t = a.shape[0]
-    on = support.T  # (K, T)
-    systems = np.where(on[:, :, None] & on[:, None, :], a, np.eye(t))
-    rhs = np.where(on, -b.T, 0.0)[:, :, None]
-    z, solved = _batched_solve(systems, rhs)
-    z = np.where(support, z[:, :, 0].T, 0.0)
+    z, solved = _on_supports(a, b, support)
     tol = _CERTIFIED * np.maximum(np.abs(b).max(axis=0, initial=0.0), 1.0)
     violated = support & (z < -tol) | ~support & (a @ z + b < -tol)
     z = np.maximum(z, 0.0)
@@ -111,6 +106,47 @@ def _support_solve(
     stationary = np.where(support, np.abs(gradient) <= tol, gradient >= -tol).all(axis=0)
     certified = solved & ~violated.any(axis=0) & stationary
     return z, certified, violated & solved
+
+
+#: from this many variables on, :func:`_on_supports` gathers each system onto its support
+#: (below, padding every system to ``T`` costs less than the gathering: 43 against 54 µs for
+#: ten columns of ten variables, 105 against 104 µs at 20, 546 against 390 µs at 40)
+_GATHER_FROM = 20
+
+
+def _on_supports(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], support: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """``A_SS z_S = −b_S`` for each column of ``b`` with ``S = support[:, k]``, zero off ``S``
+    (``(T, K)``), and which systems could be solved, in one batched solve.
+
+    Each system is the identity off its support. With fewer than 20 variables every system is
+    ``T × T``; from 20 on, each is gathered onto its support's coordinates (listed first) and
+    padded only up to the largest support of the batch: UPGrad's supports at 40 tasks hold 15
+    to 26 coordinates, and 26 × 26 systems are solved in less than half the time of 40 × 40.
+    """
+    t = a.shape[0]
+    on = support.T  # (K, T)
+    if t < _GATHER_FROM:
+        systems = np.where(on[:, :, None] & on[:, None, :], a, np.eye(t))
+        answers, solved = _batched_solve(systems, np.where(on, -b.T, 0.0)[:, :, None])
+        return np.where(support, answers[:, :, 0].T, 0.0), solved
+    sizes = on.sum(axis=1)
+    width = int(sizes.max(initial=0))
+    order = np.argsort(~on, axis=1, kind="stable")[:, :width]  # the support first
+    inside = np.arange(width) < sizes[:, None]  # (K, m): the slots that hold the support
+    systems = np.where(
+        inside[:, :, None] & inside[:, None, :],
+        a[order[:, :, None], order[:, None, :]],
+        np.eye(width),
+    )
+    column = np.arange(on.shape[0])[:, None]
+    rhs = np.where(inside, -b.T[column, order], 0.0)[:, :, None]
+    answers, solved = _batched_solve(systems, rhs)
+    z = np.zeros(on.shape)
+    # the padding slots point at coordinates off the support, which stay zero
+    z[column, order] = np.where(inside, answers[:, :, 0], 0.0)
+    return z.T, solved
 
 
 def _batched_solve(
