@@ -26,6 +26,11 @@ def test_direction_by_hand():
     assert torch.equal(keep_negative, torch.tensor([4.0, -2.0, 0.0]))
     keep_positive = graddrop_direction(J, torch.tensor([0.9, 0.2, 0.3]), no_leak)
     assert torch.equal(keep_positive, torch.tensor([4.0, 1.0, 0.0]))
+    # a tie: (-1, 3) has P = ½(1 + 2/4) = 0.75; U = 0.75 keeps neither sign (M = 0 for both)
+    tie = torch.tensor([[-1.0], [3.0]])
+    for leak in (None, no_leak):
+        assert torch.equal(graddrop_direction(tie, torch.tensor([0.75]), leak), torch.zeros(1))
+        assert torch.equal(graddrop_direction(tie, torch.tensor([0.7]), leak), torch.tensor([3.0]))
 
 
 def test_leak_by_hand():

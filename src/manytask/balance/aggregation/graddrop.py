@@ -56,54 +56,49 @@ def graddrop_direction(jacobian: FeatureRows, uniform: Tensor, leak: Tensor | No
     """GradDrop's direction for ``(T, P)`` gradients, ``(P,)`` uniform draws and ``(T,)`` leaks
     (``None``: no leak).
 
-    With ``g⁺ = Σᵢ (1 − ℓᵢ) max(gᵢ, 0)`` and ``g⁻ = Σᵢ (1 − ℓᵢ) min(gᵢ, 0)`` per coordinate, the
-    rule's ``Σᵢ (ℓᵢ + (1 − ℓᵢ) Mᵢ) gᵢ`` is ``Σᵢ ℓᵢ gᵢ + [P > U] g⁺ + [P < U] g⁻``: every
-    positive entry of a coordinate is kept when ``P > U``, every negative one when ``P < U``.
-    ``P > U`` is tested as ``Σᵢ gᵢ > (2U − 1) Σᵢ |gᵢ|``, which needs no division and holds for
-    neither sign on a coordinate whose gradients are all zero (its direction is zero anyway).
-    Computed that way the rule takes one pass over the Jacobian and a dozen over its columns,
-    instead of masks of the Jacobian's size; with one-output linear heads
-    (:class:`~manytask.balance.engine.LinearHeadRows` of width 1) the sums come from the factors
-    and the rows are never formed (see :func:`_signed_sums`).
+    With ``t = Σᵢ (1 − ℓᵢ) gᵢ`` and ``a = Σᵢ (1 − ℓᵢ) |gᵢ|`` per coordinate, the positive
+    entries sum to ``(t + a)/2`` and the negative ones to ``(t − a)/2``, so the rule's
+    ``Σᵢ (ℓᵢ + (1 − ℓᵢ) Mᵢ) gᵢ`` is ``Σᵢ ℓᵢ gᵢ + (|s| t + s a)/2`` with ``s`` the sign of
+    ``P − U``: ``(t + a)/2`` where ``P > U``, ``(t − a)/2`` where ``P < U``, nothing on a tie.
+    ``P − U`` has the sign of ``Σᵢ gᵢ + Σᵢ |gᵢ| − 2U Σᵢ |gᵢ|``, which needs no division and is
+    zero on a coordinate whose gradients are all zero (its direction is zero anyway). Computed
+    that way the rule takes one pass over the Jacobian (or, for one-output linear heads —
+    :class:`~manytask.balance.engine.LinearHeadRows` of width 1 — two products of its factors,
+    see :func:`_half_sums`) and eight in place over its columns, whose memory is allocated three
+    times.
     """
     if isinstance(jacobian, LinearHeadRows) and any(width != 1 for width in jacobian.widths):
         jacobian = jacobian.dense()  # |δ Mᵀ| factors only for one column per task
     if leak is None:
-        total, plus = _signed_sums(jacobian, None)
+        total, magnitude = _half_sums(jacobian, None)
+        kept_total, kept_magnitude = total, magnitude
     else:  # the plain, kept and leaked sums from one pass: weights 1, 1 − ℓ and ℓ
         weights = torch.stack([torch.ones_like(leak), 1.0 - leak, leak])
-        totals, positives = _signed_sums(jacobian, weights)
-        total, plus = totals[0], positives[0]
-    threshold = uniform.to(total) * 2.0 - 1.0
-    threshold.mul_(plus * 2.0 - total)  # (2U − 1) Σ |gᵢ|, with Σ |gᵢ| = 2 Σ max(gᵢ, 0) − Σ gᵢ
-    take_up, take_down = total > threshold, total < threshold
-    if leak is None:
-        up, down = plus, total.sub_(plus)
-    else:
-        up, down = positives[1], totals[1].sub(positives[1])
-    kept = up.mul(take_up).add_(down.mul_(take_down))
-    return kept if leak is None else totals[2].add(kept)
+        totals, magnitudes = _half_sums(jacobian, weights)
+        total, magnitude = totals[0], magnitudes[0]
+        kept_total, kept_magnitude = totals[1], magnitudes[1]
+    # halves of Σ gᵢ + Σ |gᵢ| − 2U Σ |gᵢ|: the sign of P − U
+    side = total.add(magnitude).addcmul_(uniform.to(total), magnitude, value=-2.0).sign_()
+    kept = kept_magnitude.mul_(side).add_(kept_total.mul_(side.abs_()))
+    return kept if leak is None else kept.add_(totals[2], alpha=2.0)
 
 
-def _signed_sums(jacobian: FeatureRows, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``Σᵢ wᵢ gᵢ`` and ``Σᵢ wᵢ max(gᵢ, 0)`` per coordinate: ``(P,)`` each for ``w = 1``
+def _half_sums(jacobian: FeatureRows, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Halves of ``Σᵢ wᵢ gᵢ`` and of ``Σᵢ wᵢ |gᵢ|`` per coordinate: ``(P,)`` each for ``w = 1``
     (None), ``(m, P)`` for ``m`` rows of non-negative weights ``(m, T)``.
 
     For rows ``gᵢ = δᵢ mᵢᵀ`` of one-output linear heads, ``|gᵢ| = |δᵢ| |mᵢ|ᵀ``, so both sums are
     products of ``(B, T)`` and ``(T, D)`` matrices: ``Σ wᵢ gᵢ = (Δ diag w) Mᵀ`` and
-    ``Σ wᵢ max(gᵢ, 0) = ½ (Σ wᵢ gᵢ + (|Δ| diag w) |M|ᵀ)``. Dense rows are clamped once.
+    ``Σ wᵢ |gᵢ| = (|Δ| diag w) |M|ᵀ``; the halving goes into ``M``. Dense rows are read twice
+    (as they are and as magnitudes) by matrix–vector products.
     """
     if isinstance(jacobian, LinearHeadRows):
-        deltas, maps = jacobian.deltas, jacobian.maps
+        deltas, maps = jacobian.deltas, 0.5 * jacobian.maps
         scaled = deltas if weights is None else deltas * weights.to(deltas)[:, None, :]
-        total = (scaled @ maps.T).flatten(-2)
-        magnitude = (scaled.abs() @ maps.abs().T).flatten(-2)
-        return total, (total + magnitude).mul_(0.5)
-    positive = jacobian.clamp_min(0.0)
-    if weights is None:
-        return jacobian.sum(dim=0), positive.sum(dim=0)
-    weights = weights.to(jacobian)
-    return weights @ jacobian, weights @ positive
+        return (scaled @ maps.T).flatten(-2), (scaled.abs() @ maps.abs().T).flatten(-2)
+    half = jacobian.new_full((jacobian.shape[0],), 0.5) if weights is None else 0.5 * weights
+    half = half.to(jacobian)
+    return half @ jacobian, half @ jacobian.abs()
 
 
 @registry.register(
@@ -141,7 +136,7 @@ class GradDrop(JacobianAggregator):
         self.leak = tuple(float(value) for value in leaks)
         self.generator = seeded_generator(seed)
 
-    # in feature mode the rows of one-output linear heads come as factors (_signed_sums)
+    # in feature mode the rows of one-output linear heads come as factors (_half_sums)
     _reads_factors = True
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
