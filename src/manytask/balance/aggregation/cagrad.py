@@ -57,12 +57,14 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.cagrad import cagrad_dual
 from manytask.errors import ConfigError
 
@@ -97,14 +99,17 @@ class CAGrad(GramianWeighting):
         self.rescale = rescale
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        g = gramian.double()
+        g: Any = gramian.detach().double()
+        if g.device.type == "cpu":  # a few dozen operations on T × T numbers: numpy's are cheaper
+            g = g.numpy()
+        xp = namespace(g)
         t = g.shape[0]
         scale = g.diagonal().sum() / t
-        g = g / torch.where(scale > 0, scale, torch.ones_like(scale))
-        radius = self.c * torch.sqrt(g.sum().clamp_min(0.0)) / t  # c‖g₀‖
+        g = g / xp.where(scale > 0, scale, xp.ones_like(scale))
+        radius = self.c * xp.sqrt(g.sum().clip(min=0.0)) / t  # c‖g₀‖
         w = cagrad_dual(g, radius)
-        norm = torch.sqrt((w @ g @ w).clamp_min(0.0))  # ‖g_w‖
+        norm = xp.sqrt((w @ g @ w).clip(min=0.0))  # ‖g_w‖
         live = norm > 1e-8  # below, ‖g_w‖ is rounding noise (module docstring)
-        weights = 1.0 / t + torch.where(live, radius / torch.where(live, norm, 1.0), 0.0) * w
+        weights = 1.0 / t + xp.where(live, radius / xp.where(live, norm, 1.0), 0.0) * w
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return (weights / divisor).to(gramian.dtype)
+        return torch.as_tensor(weights / divisor).to(gramian.dtype)

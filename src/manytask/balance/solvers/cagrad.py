@@ -39,16 +39,21 @@ fallback (degenerate Gramians) and the method on accelerators.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
+
+from manytask.balance.solvers.backend import namespace
 
 _LINE_SEARCH = 30  # candidate step lengths 1, 1/2, …, 2^-29
 #: on a CPU the loop stops after a step from the final τ whose Newton decrement is below this
 _CENTRED = 1e-6
 
 
-def _pair(g: Tensor, a: Tensor, r: Tensor) -> Tensor:
+def _pair(g: Any, a: Any, r: Any) -> Any:
     r"""The two-task dual in closed form.
 
     With :math:`w = (\gamma, 1-\gamma)` the objective is :math:`a_2 + s\gamma + r\sqrt{q(\gamma)}`,
@@ -59,22 +64,23 @@ def _pair(g: Tensor, a: Tensor, r: Tensor) -> Tensor:
     :math:`u = -\operatorname{sign}(s)\sqrt{D s^2/(\alpha r^2 - s^2)}` when
     :math:`\alpha r^2 > s^2`; otherwise the derivative keeps the sign of :math:`s` and the
     minimum is at an end. The stationary point is clipped to :math:`[0, 1]`; when ``s = 0`` it is
-    the min-norm point :math:`u = 0`.
+    the min-norm point :math:`u = 0`. For numpy arrays (a CPU) or tensors.
     """
+    xp = namespace(g)
     alpha = g[0, 0] - 2.0 * g[0, 1] + g[1, 1]
     beta = g[0, 1] - g[1, 1]
     delta = g[1, 1]
     s = a[0] - a[1]
-    spread = (alpha * delta - beta * beta).clamp_min(0.0)
+    spread = (alpha * delta - beta * beta).clip(min=0.0)
     room = alpha * r * r - s * s
     # s = 0: the min-norm point (the limit r → 0⁺ when r is zero)
     interior = ((room > 0) | (s == 0)) & (alpha > 0)
-    safe_room = torch.where(room > 0, room, torch.ones_like(room))
-    safe_alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-    u = -torch.sign(s) * torch.sqrt(spread * s * s / safe_room)
-    end = torch.where(s > 0, torch.zeros_like(s), torch.ones_like(s))
-    gamma = torch.where(interior, ((u - beta) / safe_alpha).clamp(0.0, 1.0), end)
-    return torch.stack([gamma, 1.0 - gamma])
+    safe_room = xp.where(room > 0, room, xp.ones_like(room))
+    safe_alpha = xp.where(alpha > 0, alpha, xp.ones_like(alpha))
+    u = -xp.sign(s) * xp.sqrt(spread * s * s / safe_room)
+    end = xp.where(s > 0, xp.zeros_like(s), xp.ones_like(s))
+    gamma = xp.where(interior, ((u - beta) / safe_alpha).clip(0.0, 1.0), end)
+    return xp.stack([gamma, 1.0 - gamma])
 
 
 #: relative tolerance of the active-set method's optimality certificate
@@ -115,7 +121,9 @@ def _on_support(
     return (mu * x - y) / (mu * p - q), True
 
 
-def _active_set(gramian: Tensor, a: Tensor, radius: Tensor) -> Tensor | None:
+def _active_set(
+    g: npt.NDArray[np.float64], av: npt.NDArray[np.float64], r: float
+) -> npt.NDArray[np.float64] | None:
     r"""CAGrad's dual by a primal active-set method (in the manner of Lawson and Hanson's NNLS),
     float64 on the host; ``None`` where it cannot certify its answer.
 
@@ -129,9 +137,6 @@ def _active_set(gramian: Tensor, a: Tensor, radius: Tensor) -> Tensor | None:
     gradients (:math:`\rho = 0`, where the objective is not differentiable) and singular
     :math:`G_S` give ``None``.
     """
-    g = gramian.cpu().numpy()
-    av = a.cpu().numpy()
-    r = float(radius)
     t = g.shape[0]
     w = np.full(t, 1.0 / t)
     support = np.ones(t, dtype=bool)
@@ -156,7 +161,7 @@ def _active_set(gramian: Tensor, a: Tensor, radius: Tensor) -> Tensor | None:
             if not off.any() or gradient[off].min() >= mu - _KKT * scale:
                 if np.abs(gradient[index] - mu).max() > 1e3 * _KKT * scale:
                     return None
-                return torch.from_numpy(w).to(gramian.device)
+                return w
             support[np.flatnonzero(off)[np.argmin(gradient[off])]] = True
             continue
         if limit.size == 0:
@@ -207,32 +212,40 @@ def _change(
 
 
 def cagrad_dual(
-    gramian: Tensor,
-    radius: Tensor,
+    gramian: Any,
+    radius: Any,
     iterations: int = 80,
     growth: float = 10.0,
     final: float = 1e13,
-) -> Tensor:
+) -> Any:
     """``argmin_{w ∈ Δ} aᵀw + r·sqrt(wᵀGw)`` with ``a = G 1/T`` and ``r = radius`` (float64).
 
     ``gramian`` should be scaled to entries of order one (the caller divides by the mean
-    diagonal); ``radius`` is a non-negative scalar tensor in the same units (``c·‖g₀‖``).
-    One task: ``w = 1``; two: :func:`_pair`; on a CPU, :func:`_active_set` where it certifies
-    its answer; otherwise the barrier method (:func:`_barrier`, with ``iterations``,
-    ``growth`` and ``final``).
+    diagonal); ``radius`` is a non-negative scalar in the same units (``c·‖g₀‖``). Takes and
+    returns a float64 numpy array (a CPU, where everything but the barrier fallback runs in
+    numpy) or a tensor. One task: ``w = 1``; two: :func:`_pair`; on a CPU, :func:`_active_set`
+    where it certifies its answer; otherwise the barrier method (:func:`_barrier`, with
+    ``iterations``, ``growth`` and ``final``).
     """
-    g = gramian.double()
+    xp = namespace(gramian)
+    g = gramian if xp is np else gramian.double()
     g = 0.5 * (g + g.T)
     t = g.shape[0]
     if t == 1:
-        return torch.ones(1, dtype=g.dtype, device=g.device)
-    a = g.sum(dim=1) / t
+        return xp.ones_like(g[0])
+    a = g.sum(1) / t
     if t == 2:
-        return _pair(g, a, radius.double())
-    if g.device.type == "cpu" and float(radius) > 0:
-        exact = _active_set(g, a, radius.double())
+        return _pair(g, a, radius if xp is np else radius.double())
+    on_cpu = xp is np or g.device.type == "cpu"
+    if on_cpu and float(radius) > 0:
+        host = (g, a) if xp is np else (g.cpu().numpy(), a.cpu().numpy())
+        exact = _active_set(*host, float(radius))
         if exact is not None:
-            return exact
+            return exact if xp is np else torch.from_numpy(exact).to(g.device)
+    if xp is np:
+        r = torch.tensor(float(radius), dtype=torch.float64)
+        w = _barrier(torch.from_numpy(g), torch.from_numpy(a), r, iterations, growth, final)
+        return w.numpy()
     return _barrier(g, a, radius.double(), iterations, growth, final)
 
 
