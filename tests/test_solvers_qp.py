@@ -180,13 +180,16 @@ def test_jacobi_eigh_matches_lapack(n):
         assert torch.allclose(vectors.T @ vectors, torch.eye(n, dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("jacobi", [True, None])
+@pytest.mark.parametrize("jacobi", [True, None, "numpy"])
 def test_psd_pseudo_inverse_matches_torch(jacobi):
     gen = torch.Generator().manual_seed(0)
     for t, k in [(4, 6), (6, 3), (5, 5)]:
         jacobian = torch.randn(t, k, generator=gen, dtype=torch.float64)
         gramian = jacobian @ jacobian.T
-        ours = psd_pseudo_inverse(gramian, rtol=1e-10, jacobi=jacobi)
+        if jacobi == "numpy":  # a CPU's path: LAPACK through numpy
+            ours = torch.from_numpy(psd_pseudo_inverse(gramian.numpy(), rtol=1e-10))
+        else:
+            ours = psd_pseudo_inverse(gramian, rtol=1e-10, jacobi=jacobi)
         reference = torch.linalg.pinv(gramian, hermitian=True, rtol=1e-10)
         assert torch.allclose(ours, reference, atol=1e-9 * float(reference.abs().max()))
 

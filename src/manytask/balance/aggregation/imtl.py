@@ -75,12 +75,14 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
@@ -95,17 +97,21 @@ def imtl_g_weights(gramian: Tensor, rounding: float | None = None) -> Tensor:
     """
     if rounding is None:
         rounding = relative_rounding(gramian)
-    g = gramian.double()
+    g: Any = gramian.detach().double()
+    if g.device.type == "cpu":  # a dozen operations on T × T numbers: numpy's cost less
+        g = g.numpy()
+    xp = namespace(g)
     t = g.shape[0]
     cosines, inverse_norms = unit_cosines(g)
-    ones = torch.ones(t, dtype=g.dtype, device=g.device)
-    v = inverse_norms * (psd_pseudo_inverse(cosines, rtol=rounding) @ ones)
+    v = inverse_norms * (psd_pseudo_inverse(cosines, rtol=rounding) @ xp.ones_like(g[0]))
     scale = g.diagonal().sum() / t
     total = v.sum()
     # 1ᵀv vanishes exactly for, e.g., two opposite gradients, where rounding leaves ~1e-17
     # (in units of the root mean squared norm) and v/1ᵀv would be noise: treat ≤ 1e-8 as 0
-    defined = (total * torch.where(scale > 0, scale, torch.ones_like(scale)).sqrt()).abs() > 1e-8
-    return torch.where(defined, v / torch.where(defined, total, torch.ones_like(total)), 0.0)
+    defined = xp.abs(total * xp.sqrt(xp.where(scale > 0, scale, xp.ones_like(scale)))) > 1e-8
+    return torch.as_tensor(
+        xp.where(defined, v / xp.where(defined, total, xp.ones_like(total)), 0.0)
+    )
 
 
 @registry.register(

@@ -8,18 +8,21 @@ acts alike on every task, however unequal the norms.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import Any
+
+from manytask.balance.solvers.backend import namespace
 
 
-def unit_cosines(gramian: Tensor) -> tuple[Tensor, Tensor]:
-    """``(C, 1/n)``: the cosines of the gradients and their inverse norms, in float64.
+def unit_cosines(gramian: Any) -> tuple[Any, Any]:
+    """``(C, 1/n)``: the cosines of the gradients and their inverse norms, for a float64 Gramian
+    (a numpy array on a CPU, or a tensor).
 
     A gradient whose norm is below ``1e-12`` times the largest counts as zero: its inverse norm
     and its row and column of ``C`` are zero.
     """
-    g = gramian.double()
-    norms = g.diagonal().clamp_min(0.0).sqrt()
-    live = norms > 1e-12 * norms.max().clamp_min(0.0)
-    inverse_norms = torch.where(live, 1.0 / torch.where(live, norms, torch.ones_like(norms)), 0.0)
+    xp = namespace(gramian)
+    g = gramian
+    norms = xp.sqrt(g.diagonal().clip(min=0.0))
+    live = norms > 1e-12 * norms.max().clip(min=0.0)
+    inverse_norms = xp.where(live, 1.0 / xp.where(live, norms, xp.ones_like(norms)), 0.0)
     return g * inverse_norms[:, None] * inverse_norms[None, :], inverse_norms

@@ -16,9 +16,13 @@ reconstruct rank-deficient Gramians whose entries span twelve orders of magnitud
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from manytask.balance.solvers.backend import namespace
 
 
 def _round_robin(m: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -105,15 +109,22 @@ def symmetric_eigh(
 
 
 def psd_pseudo_inverse(
-    matrix: Tensor, rtol: float, sweeps: int | None = None, jacobi: bool | None = None
-) -> Tensor:
-    """Moore–Penrose pseudo-inverse of a symmetric positive semi-definite matrix (float64).
+    matrix: Any, rtol: float, sweeps: int | None = None, jacobi: bool | None = None
+) -> Any:
+    """Moore–Penrose pseudo-inverse of a symmetric positive semi-definite matrix (float64): a
+    numpy array (LAPACK's ``eigh``) or a tensor (:func:`symmetric_eigh`).
 
     Eigenvalues at or below ``rtol · λ_max`` count as zero, as ``torch.linalg.pinv(A,
     hermitian=True, rtol=rtol)`` would do; no host synchronisation (``jacobi`` as in
     :func:`symmetric_eigh`).
     """
-    values, vectors = symmetric_eigh(matrix, sweeps, jacobi)
-    keep = values > rtol * values[-1].clamp_min(0.0)
-    inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), 0.0)
+    xp = namespace(matrix)
+    values: Any
+    vectors: Any
+    if xp is np:
+        values, vectors = np.linalg.eigh(0.5 * (matrix + matrix.T))
+    else:
+        values, vectors = symmetric_eigh(matrix, sweeps, jacobi)
+    keep = values > rtol * values[-1].clip(min=0.0)
+    inverse = xp.where(keep, 1.0 / xp.where(keep, values, xp.ones_like(values)), 0.0)
     return (vectors * inverse) @ vectors.T
