@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from manytask.balance.solvers.nash import power_balance
+from manytask.balance.solvers.precision import relative_rounding
 from tests.peers import require
 
 
@@ -255,3 +256,33 @@ def test_the_numpy_steps_are_silent_on_a_non_finite_gramian_as_torch_was(recwarn
         assert torch.equal(w.isnan(), expected.isnan())
         assert torch.equal(w.nan_to_num(), expected.nan_to_num())
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_two_tasks_in_closed_form_match_the_newton_steps():
+    """Nash-MTL's two-task weights on a CPU come from the closed form; they equal the Newton
+    iteration's on plain, nearly opposite, unequal-norm, float32 and one-zero Gramians, and
+    satisfy ``(Gw)ᵢ = 1/wᵢ``."""
+    from manytask.balance.solvers import nash
+
+    gen = torch.Generator().manual_seed(8)
+    cases = [torch.randn(2, 5, generator=gen, dtype=torch.float64) for _ in range(20)]
+    opposite = torch.randn(1, 5, generator=gen, dtype=torch.float64)
+    cases.append(torch.cat([opposite, -opposite + 1e-4 * torch.randn(1, 5, generator=gen)]))
+    cases.append(torch.cat([opposite, 1e-3 * torch.randn(1, 5, generator=gen)]))
+    cases.append(torch.cat([opposite, torch.zeros(1, 5, dtype=torch.float64)]))
+    for index, jacobian in enumerate(cases):
+        for dtype in (torch.float64, torch.float32):
+            g = (jacobian @ jacobian.T).to(dtype)
+            pair = nash._nash_pair(g.double().tolist(), relative_rounding(g))
+            assert pair is not None
+            newton = nash._newton(g.double().numpy(), 1.0, 80, relative_rounding(g), True)
+            # the nearly opposite pair (1 − cos ≈ 5e-9) fixes its weights only to ~1e-8: the
+            # rounding of G's entries, divided by that gap
+            assert pair == pytest.approx(newton.tolist(), rel=1e-7, abs=0.0)
+            assert torch.equal(power_balance(g, 1.0), torch.tensor(pair, dtype=torch.float64))
+            if dtype == torch.float64 and index < 20:  # well-conditioned: a tight residual
+                w = torch.tensor(pair, dtype=torch.float64)
+                live = w > 0
+                residual = (g @ w)[live] * w[live] - 1.0
+                assert float(residual.abs().max()) < 1e-9
+    assert nash._nash_pair([[math.nan, 0.0], [0.0, 1.0]], 0.0) is None

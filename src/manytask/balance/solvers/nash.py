@@ -40,7 +40,8 @@ by 5e-10 at :math:`\pi - 10^{-3}`. With the default 40 Newton steps the relative
 ``1e-8`` on badly conditioned ones
 (``tests/test_solvers_nash.py``). On a CPU, where reading a value costs no device
 synchronisation, the loop stops as soon as the relative residual is below ``1e-13`` (typically
-after 5–10 steps), and the steps run in numpy (:mod:`.backend`).
+after 5–10 steps), and the steps run in numpy (:mod:`.backend`); Nash-MTL's weights of two
+tasks are solved there in closed form (:func:`_nash_pair`).
 """
 
 from __future__ import annotations
@@ -107,11 +108,48 @@ def power_balance(gramian: Tensor, power: float = 1.0, iterations: int = 40) -> 
     shift = relative_rounding(gramian)
     g = gramian.double()
     if g.device.type == "cpu":
+        if g.shape[0] == 2 and power == 1.0:
+            pair = _nash_pair(g.tolist(), shift)
+            if pair is not None:
+                return torch.tensor(pair, dtype=torch.float64)
         with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
             solved = _newton(g.detach().numpy(), float(power), iterations, shift, may_stop=True)
         return torch.from_numpy(solved)
     result: Tensor = _newton(g, float(power), iterations, shift, may_stop=False)
     return result
+
+
+def _nash_pair(g: list[list[float]], shift: float) -> list[float] | None:
+    r"""The Nash weights (``p = 1``) of two tasks in closed form, in Python floats, on the same
+    shifted and scaled Gramian ``A`` as :func:`_newton`; None for a non-finite Gramian.
+
+    Multiplying :math:`(Aw)_i = 1/w_i` by :math:`w_i` gives :math:`A_{11}w_1^2 + A_{12}m = 1
+    = A_{22}w_2^2 + A_{12}m` with :math:`m = w_1w_2`; so :math:`A_{ii}w_i^2 = 1 - A_{12}m`, and
+    their product :math:`A_{11}A_{22}m^2 = (1 - A_{12}m)^2` has the one root with
+    :math:`1 - A_{12}m > 0`, :math:`m = 1/(\sqrt{A_{11}A_{22}} + A_{12})` (positive: the
+    shift makes ``A`` positive definite). Then :math:`w_1 = \sqrt{m\sqrt{A_{22}/A_{11}}}` and
+    :math:`w_2 = \sqrt{m\sqrt{A_{11}/A_{22}}}`. A numerically zero gradient is decoupled
+    (:math:`A_{12} = 0`, unit diagonal) and gets weight zero, as in :func:`_newton`.
+    """
+    g11, g22, g12 = g[0][0], g[1][1], 0.5 * (g[0][1] + g[1][0])
+    if not all(math.isfinite(x) for x in (g11, g22, g12)):
+        return None
+    mean = 0.5 * (g11 + g22)
+    mean = mean if mean > 0 else 1.0
+    top = max(g11, g22, 0.0)
+    live = (g11 > 1e-12 * top, g22 > 1e-12 * top)
+    a11 = g11 / mean if live[0] else 1.0
+    a22 = g22 / mean if live[1] else 1.0
+    a12 = g12 / mean if all(live) else 0.0
+    a11, a22 = a11 * (1.0 + shift), a22 * (1.0 + shift)  # the rounding shift of the diagonal
+    denominator = math.sqrt(a11 * a22) + a12
+    if not denominator > 0:
+        return None
+    m = 1.0 / denominator
+    scale = mean**-0.5  # back to the scale of G
+    w1 = math.sqrt(m * math.sqrt(a22 / a11)) * scale if live[0] else 0.0
+    w2 = math.sqrt(m * math.sqrt(a11 / a22)) * scale if live[1] else 0.0
+    return [w1, w2]
 
 
 def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> Any:
