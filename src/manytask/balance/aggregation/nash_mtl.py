@@ -56,6 +56,7 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -71,6 +72,10 @@ def clip_weights(weights: Tensor, gramian: Tensor, max_norm: float) -> Tensor:
     """Scale ``w`` so that ``‖Jᵀw‖ = sqrt(wᵀGw) ≤ max_norm`` (``max_norm = 0``: unchanged)."""
     if max_norm == 0:
         return weights
+    if weights.device.type == "cpu":  # the norm in numpy and a float: one torch operation
+        w = weights.detach().numpy()
+        length = math.sqrt(max(float(w @ gramian.detach().numpy().astype(w.dtype) @ w), 0.0))
+        return weights * (max_norm / max(length, max_norm))
     norm = torch.sqrt((weights @ gramian.to(weights.dtype) @ weights).clamp_min(0.0))
     return weights * (max_norm / norm.clamp_min(max_norm))
 

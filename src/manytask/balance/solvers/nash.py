@@ -57,6 +57,8 @@ from manytask.balance.solvers.backend import namespace
 from manytask.balance.solvers.precision import relative_rounding, with_rounding_shift
 
 _LINE_SEARCH = 30
+#: the candidate step lengths 1, 1/2, …, 2^-29 of a CPU's line search
+_LENGTHS = 0.5 ** np.arange(_LINE_SEARCH, dtype=np.float64)
 #: on a CPU the loop stops once every ``|wᵢ(Aw)ᵢ − wᵢ^(1−p)|`` is below this share of
 #: ``wᵢ^(1−p)`` (on other devices it runs its fixed number of steps, without host reads)
 _RESIDUAL = 1e-13
@@ -70,8 +72,10 @@ def _change(w: Any, step: Any, lengths: Any, gramian: Any, p: float) -> Any:
     and no matrix–matrix product is needed. Arrays or tensors.
     """
     xp = namespace(w)
-    ratio = lengths[:, None] * step[None, :] / w[None, :]  # (K, T)
-    inside = (ratio > -1).all(-1)
+    relative = step / w
+    ratio = lengths[:, None] * relative[None, :]  # (K, T)
+    # t Δᵢ/wᵢ > −1 for every i: the lengths below the one its most negative entry allows
+    inside = lengths * relative.min() > -1
     logs = xp.log1p(xp.where(ratio > -1, ratio, xp.zeros_like(ratio)))
     if p == 1.0:
         reward = logs.sum(-1)  # Σ log(wᵢ + tΔᵢ) − log wᵢ
@@ -172,9 +176,7 @@ def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> 
     c = ((v ** (1.0 - p)).sum() / (v @ a @ v)) ** (1.0 / (1.0 + p))
     w = start = c * v
     lengths: Any = (
-        0.5 ** np.arange(_LINE_SEARCH, dtype=np.float64)
-        if xp is np
-        else 0.5 ** torch.arange(_LINE_SEARCH, dtype=g.dtype, device=g.device)
+        _LENGTHS if xp is np else 0.5 ** torch.arange(_LINE_SEARCH, dtype=g.dtype, device=g.device)
     )
     for _ in range(iterations):
         aw = a @ w
@@ -192,9 +194,11 @@ def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> 
         # at the solution even the change cannot resolve the decrease: take the full step
         better[0] = better[0] | ((decrement < 1e-10) & xp.isfinite(values[0]))
         index = (better * 1).argmax()
-        # (a 0-dim tensor index would wait for the device: gather)
-        chosen = lengths[index] if xp is np else lengths.gather(0, index.reshape(1))[0]
-        length = xp.where(better.any(), chosen, xp.zeros_like(chosen))
+        if xp is np:
+            length = lengths[index] if better.any() else 0.0
+        else:  # (a 0-dim tensor index, or a branch, would wait for the device: gather)
+            chosen = lengths.gather(0, index.reshape(1))[0]
+            length = torch.where(better.any(), chosen, torch.zeros_like(chosen))
         w = w + length * step
     w = xp.where(xp.isfinite(w).all(), w, start)  # never inf/NaN, whatever the input
     w = w * mean ** (-1.0 / (1.0 + p))  # back to the scale of G
