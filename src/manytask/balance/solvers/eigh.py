@@ -112,7 +112,10 @@ def psd_pseudo_inverse(
     matrix: Any, rtol: float, sweeps: int | None = None, jacobi: bool | None = None
 ) -> Any:
     """Moore–Penrose pseudo-inverse of a symmetric positive semi-definite matrix (float64): a
-    numpy array (LAPACK's ``eigh``) or a tensor (:func:`symmetric_eigh`).
+    numpy array or a tensor (:func:`symmetric_eigh`). An array's eigen-decomposition is still
+    torch's LAPACK call: numpy's OpenBLAS runs ``eigh`` of 40 × 40 on threads of its own,
+    which then compete with torch's for the cores (a training step at 40 tasks took 2.5×
+    as long).
 
     Eigenvalues at or below ``rtol · λ_max`` count as zero, as ``torch.linalg.pinv(A,
     hermitian=True, rtol=rtol)`` would do; no host synchronisation (``jacobi`` as in
@@ -122,7 +125,7 @@ def psd_pseudo_inverse(
     values: Any
     vectors: Any
     if xp is np:
-        values, vectors = np.linalg.eigh(0.5 * (matrix + matrix.T))
+        values, vectors = (x.numpy() for x in symmetric_eigh(torch.from_numpy(matrix)))
     else:
         values, vectors = symmetric_eigh(matrix, sweeps, jacobi)
     keep = values > rtol * values[-1].clip(min=0.0)
