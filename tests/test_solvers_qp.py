@@ -443,7 +443,7 @@ def test_pivoting_leaves_singular_supports_to_the_interior_point():
 
 
 def test_systems_gathered_onto_their_supports_solve_as_the_padded_ones(monkeypatch):
-    """From 20 variables on, :func:`qp._on_supports` gathers each system onto its support; the
+    """From 16 variables on, :func:`qp._on_supports` gathers each system onto its support; the
     answers equal those of the systems padded to ``T`` (one column has an empty support, one a
     singular ``A_SS`` — two equal gradients — which both forms report as unsolved)."""
     from manytask.balance.solvers import qp
