@@ -551,3 +551,25 @@ def test_two_task_projection_by_hand():
     gramian = torch.tensor([[1.0, -2.0], [-2.0, 9.0]], dtype=torch.float64)
     v = dual_cone_weights(gramian, torch.tensor([[0.2], [0.6]], dtype=torch.float64))
     assert torch.allclose(v[:, 0], torch.tensor([1.2, 0.6], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["cagrad", "config", "imtl_g"])
+def test_the_numpy_rule_of_a_cpu_equals_the_torch_rule_of_an_accelerator(name):
+    """CAGrad's, ConFIG's and IMTL-G's weights run in numpy on a CPU and in torch elsewhere;
+    the same code on a float64 tensor (the accelerators' path, here on the CPU) gives the same
+    weights on plain, duplicate, zero and rank-deficient Gramians."""
+    from manytask.balance.aggregation.cagrad import _cagrad
+    from manytask.balance.aggregation.config import _config
+    from manytask.balance.aggregation.imtl import _imtl_g
+
+    rule = {
+        "cagrad": lambda g: _cagrad(g, 0.5, 1),
+        "config": lambda g: _config(g, relative_rounding(torch.as_tensor(g))),
+        "imtl_g": lambda g: _imtl_g(g, relative_rounding(torch.as_tensor(g))),
+    }[name]
+    for jacobian in problems(24, 8, seed=11):
+        g = jacobian @ jacobian.T
+        host = rule(g.numpy())
+        device = rule(g)
+        assert isinstance(host, np.ndarray) and isinstance(device, torch.Tensor)
+        assert np.allclose(host, device.numpy(), rtol=1e-8, atol=1e-10), (name, host, device)

@@ -64,7 +64,7 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import namespace, working
 from manytask.balance.solvers.cagrad import cagrad_dual
 from manytask.errors import ConfigError
 
@@ -99,17 +99,21 @@ class CAGrad(GramianWeighting):
         self.rescale = rescale
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        g: Any = gramian.detach().double()
-        if g.device.type == "cpu":  # a few dozen operations on T × T numbers: numpy's are cheaper
-            g = g.numpy()
-        xp = namespace(g)
-        t = g.shape[0]
-        scale = g.diagonal().sum() / t
-        g = g / xp.where(scale > 0, scale, xp.ones_like(scale))
-        radius = self.c * xp.sqrt(g.sum().clip(min=0.0)) / t  # c‖g₀‖
-        w = cagrad_dual(g, radius)
-        norm = xp.sqrt((w @ g @ w).clip(min=0.0))  # ‖g_w‖
-        live = norm > 1e-8  # below, ‖g_w‖ is rounding noise (module docstring)
-        weights = 1.0 / t + xp.where(live, radius / xp.where(live, norm, 1.0), 0.0) * w
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return torch.as_tensor(weights / divisor).to(gramian.dtype)
+        # in numpy on a CPU, where a few dozen operations on T × T numbers cost less
+        weights = _cagrad(working(gramian), self.c, self.rescale)
+        return torch.as_tensor(weights).to(gramian.dtype)
+
+
+def _cagrad(g: Any, c: float, rescale: int) -> Any:
+    """CAGrad's weights ``1/T + (r/‖g_w‖) w`` on a float64 Gramian (numpy array or tensor),
+    divided as ``rescale`` says."""
+    xp = namespace(g)
+    t = g.shape[0]
+    scale = g.diagonal().sum() / t
+    g = g / xp.where(scale > 0, scale, xp.ones_like(scale))
+    radius = c * xp.sqrt(g.sum().clip(min=0.0)) / t  # c‖g₀‖
+    w = cagrad_dual(g, radius)
+    norm = xp.sqrt((w @ g @ w).clip(min=0.0))  # ‖g_w‖
+    live = norm > 1e-8  # below, ‖g_w‖ is rounding noise (module docstring)
+    weights = 1.0 / t + xp.where(live, radius / xp.where(live, norm, 1.0), 0.0) * w
+    return weights / {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]

@@ -53,22 +53,25 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import namespace, working
 from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
 
 
 def config_weights(gramian: Tensor) -> Tensor:
-    """ConFIG's weights on the raw gradients (float64); in numpy on a CPU, where its dozen
-    operations on ``T × T`` numbers cost a fraction of torch's."""
-    g: Any = gramian.detach().double()
-    if g.device.type == "cpu":
-        g = g.numpy()
+    """ConFIG's weights on the raw gradients (float64): :func:`_config` in numpy on a CPU,
+    where its dozen operations on ``T × T`` numbers cost a fraction of torch's."""
+    return torch.as_tensor(_config(working(gramian), relative_rounding(gramian)))
+
+
+def _config(g: Any, rounding: float) -> Any:
+    """ConFIG's weights from a float64 Gramian (numpy array or tensor); ``rounding`` is the
+    rank tolerance of the cosines' pseudo-inverse."""
     xp = namespace(g)
     cosines, inverse_norms = unit_cosines(g)
     ones = xp.ones_like(g[0])
-    inverse = psd_pseudo_inverse(cosines, rtol=relative_rounding(gramian))
+    inverse = psd_pseudo_inverse(cosines, rtol=rounding)
     unit_weights = inverse @ ones  # g_v = Uᵀ(C⁺1)
     squared = unit_weights @ cosines @ unit_weights  # ‖g_v‖² = 1ᵀC⁺1, free of the scale of J
     beta = inverse_norms * unit_weights  # g_v = Jᵀβ
@@ -76,9 +79,7 @@ def config_weights(gramian: Tensor) -> Tensor:
     # g_v = 0 exactly when 1 is orthogonal to the range of C (e.g. two opposite gradients);
     # rounding then leaves ‖g_v‖² near 1e-32 rather than 0, and its direction is noise
     defined = squared > 1e-12
-    return torch.as_tensor(
-        xp.where(defined, beta * (length / xp.where(defined, squared, 1.0)), 0.0)
-    )
+    return xp.where(defined, beta * (length / xp.where(defined, squared, 1.0)), 0.0)
 
 
 @registry.register(

@@ -82,7 +82,7 @@ from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import namespace, working
 from manytask.balance.solvers.cosines import unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
@@ -97,9 +97,12 @@ def imtl_g_weights(gramian: Tensor, rounding: float | None = None) -> Tensor:
     """
     if rounding is None:
         rounding = relative_rounding(gramian)
-    g: Any = gramian.detach().double()
-    if g.device.type == "cpu":  # a dozen operations on T × T numbers: numpy's cost less
-        g = g.numpy()
+    # in numpy on a CPU, where a dozen operations on T × T numbers cost less than torch's
+    return torch.as_tensor(_imtl_g(working(gramian), rounding))
+
+
+def _imtl_g(g: Any, rounding: float) -> Any:
+    """:func:`imtl_g_weights` on a float64 Gramian, numpy array or tensor."""
     xp = namespace(g)
     t = g.shape[0]
     cosines, inverse_norms = unit_cosines(g)
@@ -109,9 +112,7 @@ def imtl_g_weights(gramian: Tensor, rounding: float | None = None) -> Tensor:
     # 1ᵀv vanishes exactly for, e.g., two opposite gradients, where rounding leaves ~1e-17
     # (in units of the root mean squared norm) and v/1ᵀv would be noise: treat ≤ 1e-8 as 0
     defined = xp.abs(total * xp.sqrt(xp.where(scale > 0, scale, xp.ones_like(scale)))) > 1e-8
-    return torch.as_tensor(
-        xp.where(defined, v / xp.where(defined, total, xp.ones_like(total)), 0.0)
-    )
+    return xp.where(defined, v / xp.where(defined, total, xp.ones_like(total)), 0.0)
 
 
 @registry.register(

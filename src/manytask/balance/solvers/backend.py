@@ -17,3 +17,10 @@ import torch
 def namespace(x: Any) -> Any:
     """``numpy`` for numpy arrays, ``torch`` for tensors."""
     return np if isinstance(x, np.ndarray) else torch
+
+
+def working(tensor: Any) -> Any:
+    """``tensor`` detached in float64: a numpy array on a CPU (where the rules' few dozen
+    operations on ``T × T`` numbers cost a fraction of torch's), a tensor on other devices."""
+    x = tensor.detach().double()
+    return x.numpy() if x.device.type == "cpu" else x

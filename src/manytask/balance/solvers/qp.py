@@ -54,7 +54,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import namespace, working
 from manytask.balance.solvers.precision import relative_rounding, with_rounding_shift
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
@@ -342,10 +342,7 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
 def _working(matrix: Tensor, other: Tensor) -> tuple[Any, Any]:
     """Float64 versions of a problem's ``matrix`` and ``other`` operand: numpy arrays on a CPU
     (:func:`_enumerated` or :func:`_pivoting` solves it), tensors on the device otherwise."""
-    a, b = matrix.double(), other.double()
-    if a.device.type == "cpu":
-        return a.detach().numpy(), b.detach().numpy()
-    return a, b
+    return working(matrix), working(other)
 
 
 def _solve(a: Any, b: Any, iterations: int, shift: float) -> Any:
