@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from manytask.balance.solvers.backend import working
 from manytask.balance.solvers.cagrad import cagrad_dual
 from manytask.balance.solvers.eigh import psd_pseudo_inverse, symmetric_eigh
 from manytask.balance.solvers.precision import relative_rounding
@@ -21,7 +22,6 @@ from manytask.balance.solvers.qp import (
     _interior_point,
     _solve,
     _two_task_projection,
-    _working,
     dual_cone_weights,
     nonneg_qp,
 )
@@ -535,7 +535,7 @@ def test_two_task_projection_in_closed_form_satisfies_kkt_and_matches_the_genera
         anchors = torch.rand(2, 3, generator=gen, dtype=torch.float64)
         v = dual_cone_weights(gramian, anchors)
         worst = [max(a, b) for a, b in zip(worst, kkt_residuals(gramian, anchors, v), strict=True)]
-        g, u = _working(gramian, anchors)
+        g, u = working(gramian), working(anchors)
         general = u + _solve(g, g @ u, 25, relative_rounding(gramian))
         difference = jacobian.T @ (v - torch.as_tensor(general))
         assert float(difference.abs().max()) <= 1e-8 * float(jacobian.abs().max()) + 1e-300

@@ -21,8 +21,7 @@ def unit_cosines(gramian: Any) -> tuple[Any, Any]:
     and its row and column of ``C`` are zero.
     """
     xp = namespace(gramian)
-    g = gramian
-    norms = xp.sqrt(g.diagonal().clip(min=0.0))
+    norms = xp.sqrt(gramian.diagonal().clip(min=0.0))
     live = norms > 1e-12 * norms.max().clip(min=0.0)
     inverse_norms = xp.where(live, 1.0 / xp.where(live, norms, xp.ones_like(norms)), 0.0)
-    return g * inverse_norms[:, None] * inverse_norms[None, :], inverse_norms
+    return gramian * inverse_norms[:, None] * inverse_norms[None, :], inverse_norms

@@ -335,14 +335,8 @@ def nonneg_qp(quadratic: Tensor, linear: Tensor, iterations: int = 25) -> Tensor
     crossover to :func:`_support_solve` every few iterations. Elsewhere the interior point
     solves every column (certificates would read values back to the host).
     """
-    a, b = _working(quadratic, linear)
+    a, b = working(quadratic), working(linear)  # numpy on a CPU: _enumerated or _pivoting
     return torch.as_tensor(_solve(a, b, iterations, relative_rounding(quadratic)))
-
-
-def _working(matrix: Tensor, other: Tensor) -> tuple[Any, Any]:
-    """Float64 versions of a problem's ``matrix`` and ``other`` operand: numpy arrays on a CPU
-    (:func:`_enumerated` or :func:`_pivoting` solves it), tensors on the device otherwise."""
-    return working(matrix), working(other)
 
 
 def _solve(a: Any, b: Any, iterations: int, shift: float) -> Any:
@@ -381,7 +375,7 @@ def dual_cone_weights(gramian: Tensor, anchors: Tensor, iterations: int = 25) ->
     whole computation runs in numpy, whose operations on a few numbers cost a fraction of
     torch's (the interior-point fallback excepted); two tasks are solved in closed form.
     """
-    g, u = _working(gramian, anchors)
+    g, u = working(gramian), working(anchors)
     xp = namespace(g)
     if g.shape[0] == 2:
         v = _two_task_projection(g, u)
