@@ -96,8 +96,11 @@ def _half_sums(jacobian: FeatureRows, weights: Tensor | None) -> tuple[Tensor, T
         deltas, maps = jacobian.deltas, 0.5 * jacobian.maps
         scaled = deltas if weights is None else deltas * weights.to(deltas)[:, None, :]
         return (scaled @ maps.T).flatten(-2), (scaled.abs() @ maps.abs().T).flatten(-2)
-    half = jacobian.new_full((jacobian.shape[0],), 0.5) if weights is None else 0.5 * weights
-    half = half.to(jacobian)
+    half = (
+        jacobian.new_full((jacobian.shape[0],), 0.5)
+        if weights is None
+        else 0.5 * weights.to(jacobian)
+    )
     return half @ jacobian, half @ jacobian.abs()
 
 
