@@ -285,6 +285,8 @@ class LinearHeadModel(nn.Module):
                 hidden = torch.addmm(lin.bias, view, lin.weight.T, alpha=2.0)
             elif self.first == "read_twice":
                 hidden = lin(view) + view.mean(dim=1, keepdim=True)
+            elif self.first == "skip":  # the head also reads the encoder's first layer
+                hidden = lin(view) + self.encoder[0](self.x).mean(dim=1, keepdim=True)
             else:  # a non-linear first operation
                 hidden = lin(torch.tanh(view))
             out[f"t{i}"] = ((head(torch.relu(hidden)).squeeze(-1) - self.y[:, i]) ** 2).mean()
@@ -296,12 +298,20 @@ class LinearHeadModel(nn.Module):
         task_views = [z.view_as(z) for _ in self.firsts]
         losses = self.losses(task_views)
         balancer.backward(losses, features=task_views if views else [z])
-        return [p.grad.clone() for p in self.parameters()]
+        return [p.grad.clone() for p in self.parameters() if p.requires_grad]
+
+
+@pytest.fixture(params=["split", "single"])
+def passes(request, monkeypatch):
+    """The factored backward split at Z (every size here is far below the default threshold)
+    or in a single pass."""
+    monkeypatch.setattr(engine, "_SPLIT_FROM", 0 if request.param == "split" else 1 << 62)
+    return request.param
 
 
 @pytest.mark.parametrize("first", ["linear", "matmul", "addmm_alpha", "read_twice", "tanh"])
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "nash_mtl"])
-def test_feature_mode_with_linear_heads_equals_the_per_task_path(name, first, monkeypatch):
+def test_feature_mode_with_linear_heads_equals_the_per_task_path(name, first, passes, monkeypatch):
     """Heads that begin with a linear map get their Gramian from factors; every other head
     structure keeps the dense rows. Both give the per-task path's gradients."""
     factored = []
@@ -323,6 +333,76 @@ def test_feature_mode_with_linear_heads_equals_the_per_task_path(name, first, mo
     linear = first in ("linear", "matmul", "addmm_alpha")
     assert factored == ([True, True] if linear else [])
     assert one_pass._heads.unsuitable is not linear
+
+
+def test_the_factored_pass_never_forms_the_heads_gradients_of_the_representation(monkeypatch):
+    """The heads' pass stops at the products' inputs: no view receives a gradient (a plain
+    backward would form and sum T dense products there); the encoder's pass gives Z the
+    direction, and every parameter gets the per-task path's gradient."""
+    monkeypatch.setattr(engine, "_SPLIT_FROM", 0)
+    model = LinearHeadModel([1, 2, 1])
+    tasks = ["t0", "t1", "t2"]
+    expected = model.run(mt.balance.get("upgrad", tasks, mode="features"), views=False)
+    model.zero_grad()
+    z = model.encoder(model.x)
+    views = [z.view_as(z) for _ in tasks]
+    reached = []
+    for view in views:
+        view.register_hook(lambda grad: reached.append(grad))
+    balancer = mt.balance.get("upgrad", tasks, mode="features")
+    balancer.backward(model.losses(views), features=views)
+    assert reached == [] and not balancer._heads.entangled
+    for p, b in zip(model.parameters(), expected, strict=True):
+        assert p.grad is not None and torch.allclose(p.grad, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_pass_is_split_only_from_the_threshold(monkeypatch):
+    """3 heads × 32 × 24 = 2304 entries of products into Z: split from a threshold of 2304,
+    a single pass (the views receive their gradients) above it."""
+    model = LinearHeadModel([1, 1, 1])
+    tasks = ["t0", "t1", "t2"]
+    for threshold, split in [(2304, True), (2305, False)]:
+        monkeypatch.setattr(engine, "_SPLIT_FROM", threshold)
+        z = model.encoder(model.x)
+        views = [z.view_as(z) for _ in tasks]
+        reached: list[torch.Tensor] = []
+        for view in views:
+            view.register_hook(reached.append)
+        mt.balance.get("mgda", tasks, mode="features").backward(model.losses(views), features=views)
+        assert (reached == []) is split, threshold
+
+
+def test_a_head_that_also_reads_the_encoder_keeps_its_gradient_and_then_the_single_pass(
+    monkeypatch,
+):
+    """A leaf above the views that also feeds Z (here a head adds the encoder's first layer):
+    the heads' pass lets nothing through Z, the encoder's pass adds the direction, and the
+    model is remembered as entangled (the single pass from then on). Both steps equal the
+    per-task path; a pass that let the heads' sum through Z as well would not."""
+    monkeypatch.setattr(engine, "_SPLIT_FROM", 0)
+    model = LinearHeadModel([1, 1, 1], first="skip")
+    tasks = ["t0", "t1", "t2"]
+    balancer = mt.balance.get("mgda", tasks, mode="features")
+    for step in range(2):
+        expected = model.run(mt.balance.get("mgda", tasks, mode="features"), views=False)
+        got = model.run(balancer, views=True)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (step, (a - b).abs().max())
+        assert balancer._heads.entangled and not balancer._heads.unsuitable
+
+
+def test_heads_with_frozen_first_layers_still_give_their_factors(passes):
+    """The products' nodes run in the heads' pass even when no leaf below them needs a
+    gradient (frozen first layers), so every δᵢ is recorded."""
+    model = LinearHeadModel([1, 1])
+    for layer in model.firsts:
+        layer.requires_grad_(False)
+    tasks = ["t0", "t1"]
+    expected = model.run(mt.balance.get("nash_mtl", tasks, mode="features"), views=False)
+    got = model.run(mt.balance.get("nash_mtl", tasks, mode="features"), views=True)
+    assert len(got) == len(expected) == 6  # the frozen layers have no gradient
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_factors_are_used_only_where_they_cost_less(monkeypatch):
@@ -374,7 +454,7 @@ def test_graddrop_on_linear_head_factors_equals_its_dense_rows(widths, leak, mon
     assert factored == [True, True]
 
 
-def test_grad_scaler_with_linear_head_factors_gives_the_unscaled_update():
+def test_grad_scaler_with_linear_head_factors_gives_the_unscaled_update(passes):
     model = LinearHeadModel([1, 1])
     tasks = ["t0", "t1"]
     z = model.encoder(model.x)

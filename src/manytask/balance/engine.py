@@ -18,7 +18,10 @@ the encoder receives ``∂Z/∂θ · dZ``; the cost is that of equal weighting p
 When every head begins with a narrow linear map of its view (:class:`LinearHeads` finds it in
 the autograd graph), the hooks record the gradients of those maps' outputs instead, and the
 method receives the rows as factors (:class:`LinearHeadRows`), whose Gramian costs a small
-fraction of the rows'. For a representation given any other way, :func:`feature_jacobian`
+fraction of the rows'. The pass is then split in two at ``Z``: the heads' pass, which never
+forms the products ``δᵢ Mᵢᵀ`` that a plain backward sums into ``∂L/∂Z`` only to have them
+replaced, then the encoder's pass from ``Z`` with the direction (see
+:func:`_factored_backward`). For a representation given any other way, :func:`feature_jacobian`
 differentiates each loss with respect to ``Z`` (through the heads only) and
 :func:`backward_through_features` runs the one backward pass through the encoder.
 
@@ -29,10 +32,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from manytask.errors import ConfigError
 
@@ -259,6 +263,16 @@ def _factors_are_cheaper(nodes: Sequence[Any], base: Tensor) -> bool:
     return width * width * (samples + features) < len(nodes) ** 2 * samples * features
 
 
+class HeadGraph(NamedTuple):
+    """What :class:`LinearHeads` found in the graph below the losses."""
+
+    #: each task's first matrix-product node, the one that consumes its view
+    nodes: list[Any]
+    #: the gradient edge of every leaf that the losses reach without passing through a view
+    #: (the heads' parameters): its ``AccumulateGrad`` node
+    leaves: list[GradientEdge]
+
+
 class LinearHeads:
     """Finds, from the autograd graph, whether every task's head begins with a linear map of its
     view of the representation, and remembers a model whose heads do not.
@@ -273,29 +287,35 @@ class LinearHeads:
     views, about 0.1 ms for 40 one-layer heads; a model found unsuitable once is not searched
     again, since a model's heads keep their structure from one step to the next (the search
     decides only how the rows are kept, never the result).
+
+    ``entangled`` records a model in which a leaf above the views also feeds ``Z`` (a head
+    that reads an earlier layer of the encoder as well): its heads' pass would reach the
+    encoder, so such a model keeps the single pass (see :func:`_factored_backward`).
     """
 
     def __init__(self) -> None:
         self.unsuitable = False
+        self.entangled = False
 
-    def find(self, losses: Sequence[Tensor], views: Sequence[Tensor]) -> list[Any] | None:
-        """The matrix-product node that consumes each view where the factors are the cheaper
-        form, or None (and the model is remembered as unsuitable)."""
+    def find(self, losses: Sequence[Tensor], views: Sequence[Tensor]) -> HeadGraph | None:
+        """Each view's matrix-product node and the heads' leaves where the factors are the
+        cheaper form, or None (and the model is remembered as unsuitable)."""
         if self.unsuitable:
             return None
-        nodes = self._consumers(losses, views)
-        if nodes is None or not _factors_are_cheaper(nodes, views[0]):
+        found = self._consumers(losses, views)
+        if found is None or not _factors_are_cheaper(found.nodes, views[0]):
             self.unsuitable = True
             return None
-        return nodes
+        return found
 
     @staticmethod
-    def _consumers(losses: Sequence[Tensor], views: Sequence[Tensor]) -> list[Any] | None:
+    def _consumers(losses: Sequence[Tensor], views: Sequence[Tensor]) -> HeadGraph | None:
         base = views[0]._base
         if base is None or base.dim() != 2:
             return None
         index = {view.grad_fn: i for i, view in enumerate(views)}
         found: list[Any] = [None] * len(views)
+        leaves: list[GradientEdge] = []
         stop = base.grad_fn
         seen = set()
         pending = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
@@ -304,6 +324,9 @@ class LinearHeads:
             if node in seen:
                 continue
             seen.add(node)
+            if type(node).__name__ == "AccumulateGrad":  # a leaf: its .grad is written here
+                leaves.append(GradientEdge(node, 0))
+                continue
             for position, (child, _) in enumerate(node.next_functions):
                 if child is None or child is stop:
                     continue
@@ -321,7 +344,7 @@ class LinearHeads:
                 found[i] = node
         if any(node is None for node in found):
             return None
-        return found
+        return HeadGraph(found, leaves)
 
 
 def one_pass_feature_backward(
@@ -341,9 +364,9 @@ def one_pass_feature_backward(
     """
     base = views[0]._base
     assert base is not None
-    nodes = heads.find(losses, views) if heads is not None else None
-    if nodes is not None:
-        _factored_backward(losses, nodes, base, combine)
+    graph = heads.find(losses, views) if heads is not None else None
+    if heads is not None and graph is not None:
+        _factored_backward(losses, graph, base, combine, heads)
         return
     captured: list[Tensor | None] = [None] * len(views)
 
@@ -371,23 +394,45 @@ def one_pass_feature_backward(
     _sum_backward(losses, [*handles, base.register_hook(replace)])
 
 
+#: :func:`_factored_backward` splits its pass in two from this many entries of the heads'
+#: products into ``Z`` (``T·B·D``); below it the second pass costs more than it saves. Measured
+#: on a CPU: one-output heads on a 256 × 256 representation cross over between 4 and 6 heads
+#: (262,144 and 393,216 entries), on a 128 × 128 one between 10 and 40.
+_SPLIT_FROM = 3 << 17
+
+
 def _factored_backward(
     losses: Sequence[Tensor],
-    nodes: Sequence[Any],
+    graph: HeadGraph,
     base: Tensor,
     combine: Callable[[FeatureRows], Tensor],
+    heads: LinearHeads,
 ) -> None:
     """:func:`one_pass_feature_backward` with the rows as :class:`LinearHeadRows`: a hook
-    before each head's first product records ``δᵢ``, the gradient of its output."""
+    before each head's first product records ``δᵢ``, the gradient of its output.
+
+    The backward pass is split at ``Z``. The heads' pass runs ``Σᵢ Lᵢ`` back to the heads'
+    leaves and to the inputs of those products only (``inputs=``), so no head computes its
+    product into ``Z``, ``δᵢ Mᵢᵀ``: ``T`` dense ``(B, D)`` products and their sum, which a
+    plain backward forms and the direction would replace (at 40 one-output heads on a
+    256 × 256 representation, a third of equal weighting's step). The encoder's pass then
+    runs from ``Z`` with the direction. Every leaf receives what the single pass gives it.
+    Where those products hold fewer than :data:`_SPLIT_FROM` entries, the second pass would
+    cost more than it saves, and the single pass runs: a hook on ``Z`` replaces what arrives
+    there with the direction. Should a leaf above the views also feed ``Z`` (a head reading an
+    earlier encoder layer), the heads' pass reaches ``Z``; a hook there then lets nothing
+    through, the encoder's pass adds the direction, and the model keeps the single pass from
+    the next step on.
+    """
     dtype = jacobian_dtype(base.dtype)
     pieces = []
-    for node in nodes:
+    for node in graph.nodes:
         product = node._saved_mat2
         alpha = getattr(node, "_saved_alpha", 1)
         pieces.append(product if alpha == 1 else product * alpha)
     widths = [m.shape[1] for m in pieces]
     maps = torch.cat(pieces, dim=1).to(dtype)  # cast once, not per head
-    deltas: list[Tensor | None] = [None] * len(nodes)
+    deltas: list[Tensor | None] = [None] * len(graph.nodes)
 
     def keep(index: int) -> Callable[[tuple[Tensor | None, ...]], None]:
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
@@ -395,7 +440,7 @@ def _factored_backward(
 
         return hook
 
-    def replace(_total: Tensor) -> Tensor:
+    def direction() -> Tensor:
         columns = [
             base.new_zeros(base.shape[0], width) if delta is None else delta
             for delta, width in zip(deltas, widths, strict=True)
@@ -403,8 +448,31 @@ def _factored_backward(
         rows = LinearHeadRows(torch.cat(columns, dim=1).to(dtype), maps, widths)
         return combine(rows).view_as(base).to(base.dtype)
 
-    handles = [node.register_prehook(keep(i)) for i, node in enumerate(nodes)]
-    _sum_backward(losses, [*handles, base.register_hook(replace)])
+    handles = [node.register_prehook(keep(i)) for i, node in enumerate(graph.nodes)]
+    if heads.entangled or len(graph.nodes) * base.numel() < _SPLIT_FROM:
+        _sum_backward(losses, [*handles, base.register_hook(lambda _total: direction())])
+        return
+    reached: list[bool] = []
+
+    def block(total: Tensor) -> Tensor:
+        reached.append(True)
+        return torch.zeros_like(total)
+
+    handles.append(base.register_hook(block))
+    # the heads' pass: the products' nodes are inputs so that they run (and their hooks)
+    # even where a head's weight is frozen; their inputs from the views are never needed
+    edges = [GradientEdge(node, 0) for node in graph.nodes]
+    try:
+        # the graph is kept: an entangled model's heads' pass runs encoder nodes
+        torch.autograd.backward(
+            torch.stack(list(losses)).sum(), inputs=[*graph.leaves, *edges], retain_graph=True
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.autograd.backward(base, direction())
+    if reached:
+        heads.entangled = True
 
 
 def _sum_backward(losses: Sequence[Tensor], handles: Sequence[Any]) -> None:
