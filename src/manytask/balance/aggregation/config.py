@@ -48,13 +48,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.backend import namespace, working
-from manytask.balance.solvers.cosines import unit_cosines
+from manytask.balance.solvers.cosines import pair_inverse_ones, unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
 
@@ -62,7 +63,29 @@ from manytask.balance.solvers.precision import relative_rounding
 def config_weights(gramian: Tensor) -> Tensor:
     """ConFIG's weights on the raw gradients (float64): :func:`_config` in numpy on a CPU,
     where its dozen operations on ``T × T`` numbers cost a fraction of torch's."""
-    return torch.as_tensor(_config(working(gramian), relative_rounding(gramian)))
+    g = working(gramian)
+    if isinstance(g, np.ndarray) and g.shape == (2, 2):
+        pair = _config_pair(g.tolist(), relative_rounding(gramian))
+        if pair is not None:
+            return torch.tensor(pair, dtype=torch.float64)
+    return torch.as_tensor(_config(g, relative_rounding(gramian)))
+
+
+def _config_pair(g: list[list[float]], rounding: float) -> list[float] | None:
+    r"""ConFIG's weights for two tasks in closed form, in Python floats (None for a non-finite
+    Gramian): :math:`\beta` and :math:`\|g_v\|^2 = \mathbf 1^\top C^+\mathbf 1` from
+    :func:`pair_inverse_ones`, then :func:`_config`'s last steps. For two live gradients that
+    are not opposite, :math:`w = \tfrac12(n_1 + n_2)\,(1/n_1, 1/n_2)`:
+    :math:`d = \tfrac12(n_1 + n_2)(u_1 + u_2)`, the authors' two-task form.
+    """
+    pair = pair_inverse_ones(g, rounding)
+    if pair is None:
+        return None
+    (b1, b2), squared = pair
+    if not squared > 1e-12:  # as in _config
+        return [0.0, 0.0]
+    length = (g[0][0] + g[1][0]) * b1 + (g[0][1] + g[1][1]) * b2  # 1ᵀGβ
+    return [b1 * length / squared, b2 * length / squared]
 
 
 def _config(g: Any, rounding: float) -> Any:

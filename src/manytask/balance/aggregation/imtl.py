@@ -74,16 +74,18 @@ Shared parameters receive ``d``; task-specific parameters their own task's gradi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.backend import namespace, working
-from manytask.balance.solvers.cosines import unit_cosines
+from manytask.balance.solvers.cosines import pair_inverse_ones, unit_cosines
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
 
@@ -98,7 +100,34 @@ def imtl_g_weights(gramian: Tensor, rounding: float | None = None) -> Tensor:
     if rounding is None:
         rounding = relative_rounding(gramian)
     # in numpy on a CPU, where a dozen operations on T × T numbers cost less than torch's
-    return torch.as_tensor(_imtl_g(working(gramian), rounding))
+    return torch.as_tensor(_imtl_g_weights(working(gramian), rounding))
+
+
+def _imtl_g_weights(g: Any, rounding: float) -> Any:
+    """:func:`imtl_g_weights` of a float64 Gramian, numpy array or tensor: two tasks on a CPU
+    in closed form (:func:`_imtl_g_pair`), the rule through ``C⁺`` otherwise."""
+    if isinstance(g, np.ndarray) and g.shape == (2, 2):
+        pair = _imtl_g_pair(g.tolist(), rounding)
+        if pair is not None:
+            return np.array(pair)
+    return _imtl_g(g, rounding)
+
+
+def _imtl_g_pair(g: list[list[float]], rounding: float) -> list[float] | None:
+    r"""IMTL-G's weights for two tasks in closed form, in Python floats (None for a
+    non-finite Gramian): :math:`v` from :func:`pair_inverse_ones`, then :func:`_imtl_g`'s last
+    steps. For two live gradients that are not opposite, :math:`v = (1/n_1, 1/n_2)/(1 + c)`, so
+    :math:`\alpha = (n_2, n_1)/(n_1 + n_2)`: the weights of the bisector of the unit gradients.
+    """
+    pair = pair_inverse_ones(g, rounding)
+    if pair is None:
+        return None
+    (v1, v2), _ = pair
+    total = v1 + v2
+    scale = 0.5 * (g[0][0] + g[1][1])
+    if not abs(total * math.sqrt(scale if scale > 0 else 1.0)) > 1e-8:  # as in _imtl_g
+        return [0.0, 0.0]
+    return [v1 / total, v2 / total]
 
 
 def _imtl_g(g: Any, rounding: float) -> Any:
@@ -166,9 +195,10 @@ class IMTL(GramianWeighting):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         s = self.log_scale.detach()
-        scales = torch.exp(s).to(device=gramian.device, dtype=torch.float64)
-        scaled = gramian.double() * scales[:, None] * scales[None, :]
-        weights = scales * imtl_g_weights(scaled, relative_rounding(gramian))
+        g = working(gramian)  # numpy on a CPU, as in imtl_g_weights
+        scales = namespace(g).exp(working(s.to(gramian.device)))
+        scaled = g * scales[:, None] * scales[None, :]
+        weights = torch.as_tensor(scales * _imtl_g_weights(scaled, relative_rounding(gramian)))
         # ∂(e^s L − s)/∂s, accumulated like a backward pass would
         grad = torch.exp(s) * losses.to(device=s.device, dtype=s.dtype) - 1.0
         if self.log_scale.grad is None:
