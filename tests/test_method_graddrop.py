@@ -9,6 +9,7 @@ from torch import nn
 
 import manytask as mt
 from manytask.balance.aggregation.graddrop import GradDrop, graddrop_direction
+from manytask.balance.randomness import lanes_to_uniform, uniform_lanes
 from manytask.errors import ConfigError
 from tests.peers import manytask_direction, require, torchjd_direction
 
@@ -61,11 +62,31 @@ def test_direction_equals_the_masked_sum_of_the_paper(leak):
     assert torch.allclose(result, expected, rtol=1e-12, atol=1e-12)
 
 
+def draws(count: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The uniform draws of a GradDrop balancer seeded with ``seed``, for its first step."""
+    lanes = uniform_lanes(count, torch.Generator().manual_seed(seed))
+    return lanes_to_uniform(lanes, dtype)
+
+
 def test_balancer_uses_its_own_draws():
     balancer = GradDrop(["a", "b"], seed=7)
-    uniform = torch.rand(3, generator=torch.Generator().manual_seed(7))
-    expected = graddrop_direction(J, uniform, torch.zeros(2))
+    expected = graddrop_direction(J, draws(3, 7), torch.zeros(2))
     assert torch.equal(balancer.direction(J, torch.ones(2)), expected)
+
+
+def test_draws_are_the_midpoints_of_two_to_the_sixteen_cells():
+    """Each draw is (k + ½)/2¹⁶ for an integer k in [0, 2¹⁶); 2¹⁸ draws fill the cells
+    evenly: each quarter of (0, 1) holds a quarter of them (standard deviation 0.00085; 0.005
+    is about six of them), the mean is ½, and both ends of the grid are reached."""
+    uniform = draws(2**18, 0, torch.float64)
+    cells = uniform * 2**16 - 0.5
+    assert torch.equal(cells, cells.round()) and cells.min() >= 0 and cells.max() <= 2**16 - 1
+    quarters = torch.bincount((uniform * 4).long(), minlength=4).double() / uniform.numel()
+    assert (quarters - 0.25).abs().max() < 0.005, quarters
+    assert abs(float(uniform.mean()) - 0.5) < 0.003
+    assert cells.min() < 8 and cells.max() > 2**16 - 9
+    odd = draws(5, 3)  # not a multiple of four lanes: the first five of eight
+    assert torch.equal(odd, draws(8, 3)[:5])
 
 
 def test_sign_is_kept_with_the_purity_probability():
@@ -85,8 +106,11 @@ def test_matches_torchjd_with_the_same_draws(seed):
     values = torch.rand(4, generator=g) + 0.1
     leak = [0.1, 0.0, 0.3, 0.0]
     got = manytask_direction("graddrop", jacobian, values, seed=100 + seed, leak=leak)
-    torch.manual_seed(100 + seed)  # torchjd draws U = torch.rand(P) in J's dtype (float32)
-    expected = torchjd_direction(aggregation.GradDrop(leak=torch.tensor(leak)), jacobian)
+    # torchjd draws U = torch.rand(P) in J's dtype (float32): it is handed manytask's draws
+    uniform = draws(50, 100 + seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "rand", lambda *args, **kwargs: uniform.clone())
+        expected = torchjd_direction(aggregation.GradDrop(leak=torch.tensor(leak)), jacobian)
     # same draws, same comparisons: only the float32 summation order can differ
     assert torch.allclose(got, expected, atol=1e-6)
 
@@ -130,8 +154,11 @@ def test_matches_libmtl_with_the_same_draws(seed, leak):
     jacobian = torch.randn(3, 40, generator=g)
     values = torch.rand(3, generator=g) + 0.1
     got = manytask_direction("graddrop", jacobian, values, seed=seed, leak=leak)
-    torch.manual_seed(seed)  # LibMTL draws U = torch.rand_like(P) (float32)
-    expected = libmtl_graddrop(jacobian, values, leak)
+    # LibMTL draws U = torch.rand_like(P) (float32): it is handed manytask's draws
+    uniform = draws(40, seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "rand_like", lambda like: uniform.clone().view_as(like))
+        expected = libmtl_graddrop(jacobian, values, leak)
     # LibMTL adds 1e-7 to Σ|g| in P; that cannot flip a comparison with these draws
     assert torch.allclose(got, expected, atol=1e-6)
 

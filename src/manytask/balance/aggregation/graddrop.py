@@ -31,10 +31,16 @@ it only on representations, with the paper's sign-and-batch-sum step.
 Defaults: ``leak = 0`` (the paper's plain GradDrop and LibMTL's default) for every task, or one
 value per task; the monotone function :math:`f` of the paper is the identity (its default).
 :math:`U` is drawn on the CPU from the balancer's own generator (``seed``, or drawn from the
-global torch RNG), in ``J``'s dtype, and copied to ``J``'s device (from pinned memory, without
-stalling the host), so every rank draws the same numbers: exact under ``torch.distributed`` in
-parameter mode. Shared parameters (or the representation) receive ``d``; task-specific
-parameters their own task's gradient.
+global torch RNG) and copied to ``J``'s device (from pinned memory, without stalling the host),
+so every rank draws the same numbers: exact under ``torch.distributed`` in parameter mode. Its
+values are the midpoints :math:`(k + \tfrac12)/2^{16}` of :math:`2^{16}` equal cells of
+:math:`(0, 1)`, from the 16-bit lanes of 64-bit words
+(:func:`~manytask.balance.randomness.uniform_lanes`): half the time of ``torch.rand`` (whose
+float32 draws lie on a grid of :math:`2^{-24}`) and half the bytes to copy. A sign is then kept
+with the purity :math:`P` rounded to that grid, within :math:`2^{-17}` of it.
+
+Shared parameters (or the representation) receive ``d``; task-specific parameters their own
+task's gradient.
 """
 
 from __future__ import annotations
@@ -48,7 +54,12 @@ from torch import Tensor
 from manytask import registry
 from manytask.balance.base import BalanceStep, JacobianAggregator
 from manytask.balance.engine import FeatureRows, LinearHeadRows
-from manytask.balance.randomness import host_to_device, seeded_generator
+from manytask.balance.randomness import (
+    host_to_device,
+    lanes_to_uniform,
+    seeded_generator,
+    uniform_lanes,
+)
 from manytask.errors import ConfigError
 
 
@@ -154,11 +165,11 @@ class GradDrop(JacobianAggregator):
             coordinates = jacobian.deltas.shape[0] * jacobian.maps.shape[0]
         else:
             dtype, device, coordinates = jacobian.dtype, jacobian.device, jacobian.shape[1]
-        uniform = torch.rand(coordinates, generator=self.generator, dtype=dtype)
+        lanes = host_to_device(uniform_lanes(coordinates, self.generator), device)
         leak = None
         if any(self.leak):
             leak = host_to_device(torch.tensor(self.leak, dtype=dtype), device)
-        return graddrop_direction(jacobian, host_to_device(uniform, device), leak)
+        return graddrop_direction(jacobian, lanes_to_uniform(lanes, dtype), leak)
 
     def get_extra_state(self) -> Any:
         return {"generator": self.generator.get_state()}
