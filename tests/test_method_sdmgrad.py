@@ -123,3 +123,20 @@ def test_two_tasks_in_python_floats_match_the_numpy_steps(seed):
         general = _inner_steps(gramian, start, 0.3, lr, momentum, 20)
         pair = _pair_steps(gramian.tolist(), start.tolist(), 0.3, lr, momentum, 20)
         assert np.allclose(pair, general, rtol=0, atol=1e-12), (lr, momentum, pair, general)
+
+
+@pytest.mark.parametrize("t", [3, 10])
+def test_the_torch_steps_of_an_accelerator_equal_the_numpy_steps(t):
+    """The steps run in numpy on a CPU and in torch elsewhere (here a float64 CPU tensor):
+    the same weights, and the start is left as it was."""
+    g = torch.Generator().manual_seed(t)
+    jac = torch.randn(t, 7, generator=g, dtype=torch.float64)
+    gramian = jac @ jac.T
+    start = torch.rand(t, generator=g, dtype=torch.float64)
+    start /= start.sum()
+    before = start.clone()
+    for lr, momentum in [(10.0, 0.5), (0.1, 0.9)]:
+        host = _inner_steps(gramian.numpy(), start.numpy(), 0.3, lr, momentum, 20)
+        device = _inner_steps(gramian, start, 0.3, lr, momentum, 20)
+        assert np.allclose(device.numpy(), host, rtol=0, atol=1e-12), (lr, momentum)
+    assert torch.equal(start, before)

@@ -14,23 +14,28 @@ from manytask.balance.solvers.eigh import symmetric_eigh
 
 
 @overload
-def project_simplex(v: Tensor, ranks: Tensor | None = None) -> Tensor: ...
+def project_simplex(
+    v: Tensor, ranks: Tensor | None = None, out: Tensor | None = None
+) -> Tensor: ...
 
 
 @overload
 def project_simplex(
-    v: npt.NDArray[np.float64], ranks: npt.NDArray[np.float64] | None = None
+    v: npt.NDArray[np.float64],
+    ranks: npt.NDArray[np.float64] | None = None,
+    out: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]: ...
 
 
-def project_simplex(v: Any, ranks: Any = None) -> Any:
+def project_simplex(v: Any, ranks: Any = None, out: Any = None) -> Any:
     """Euclidean projection of ``v`` (last dimension) onto ``{w ≥ 0, Σ w = 1}``.
 
     The sort-based algorithm of Held, Wolfe and Crowder (1974) as stated by Duchi et al.
     (ICML 2008): ``w = max(v − θ, 0)`` with ``θ`` chosen so that the result sums to one.
     ``v`` is a tensor or a numpy array (for the loops that run in numpy on a CPU, where a small
     operation costs a fraction of torch's); ``ranks`` (``1, 2, …, n`` in ``v``'s dtype and
-    kind) may be passed to save an allocation in loops.
+    kind) may be passed to save an allocation in loops, and ``out`` (not ``v`` itself) to
+    receive the result.
     """
     n = v.shape[-1]
     if isinstance(v, np.ndarray):
@@ -40,7 +45,7 @@ def project_simplex(v: Any, ranks: Any = None) -> Any:
             ordered = np.sort(v)[::-1]
             partial = ordered.cumsum() - 1.0
             count = max(int(np.count_nonzero(ordered * ranks > partial)), 1)
-            return np.maximum(v - partial[count - 1] / count, 0.0)
+            return np.maximum(v - partial[count - 1] / count, 0.0, out=out)
         u: Any = -np.sort(-v, axis=-1)
         take: Any = np.take_along_axis
     else:
@@ -52,7 +57,11 @@ def project_simplex(v: Any, ranks: Any = None) -> Any:
     # the condition is monotone; at least one entry stays, so a NaN input gives a NaN output
     active = (u * ranks > cumulative).sum(-1)[..., None].clip(min=1)
     theta = take(cumulative, active - 1, -1) / active
-    return (v - theta).clip(min=0.0)
+    if out is None:
+        return (v - theta).clip(min=0.0)
+    if isinstance(v, np.ndarray):
+        return np.maximum(v - theta, 0.0, out=out)
+    return torch.clamp(v - theta, min=0.0, out=out)
 
 
 def _pair_min_norm(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
