@@ -38,6 +38,12 @@ def test_torch_and_numpy_projections_agree_with_the_definition(n):
         np.testing.assert_allclose(project_simplex(torch.from_numpy(row)).numpy(), one, atol=1e-15)
     np.testing.assert_allclose(project_simplex(rows), batched, atol=1e-15)  # numpy, batched
     np.testing.assert_allclose(project_simplex(rows[0]), rows[0], atol=1e-15)
+    # a NaN entry: NaN throughout, in every kind
+    spoiled = rows.copy()
+    spoiled[:, n // 2] = np.nan
+    assert np.isnan(project_simplex(spoiled[0])).all()
+    assert np.isnan(project_simplex(spoiled)).all()
+    assert torch.isnan(project_simplex(torch.from_numpy(spoiled))).all()
     # into a given array or tensor, for each kind of input
     for given in (rows[2], rows, torch.from_numpy(rows[2]), torch.from_numpy(rows)):
         out = given * 0 + 7.0
