@@ -140,3 +140,24 @@ def test_the_torch_steps_of_an_accelerator_equal_the_numpy_steps(t):
         device = _inner_steps(gramian, start, 0.3, lr, momentum, 20)
         assert np.allclose(device.numpy(), host, rtol=0, atol=1e-12), (lr, momentum)
     assert torch.equal(start, before)
+
+
+def test_the_weights_on_a_device_equal_those_on_a_cpu(monkeypatch):
+    """A device keeps its Gramian in torch (the finite test stays on the device); on a CPU
+    the bookkeeping runs in numpy. Both give the same weights and states over steps that
+    include a non-finite Gramian (the state is kept, as on a CPU)."""
+    from manytask.balance.aggregation import sdmgrad
+
+    g = torch.Generator().manual_seed(5)
+    gramians = []
+    for _ in range(4):
+        jac = torch.randn(4, 9, generator=g)
+        gramians.append(jac @ jac.T)
+    gramians.insert(2, torch.full((4, 4), float("inf")))
+    host, device = SDMGrad(list("abcd")), SDMGrad(list("abcd"))
+    expected = [(host.weights(x, torch.ones(4)), host.inner_weights.clone()) for x in gramians]
+    monkeypatch.setattr(sdmgrad, "working", lambda tensor: tensor.detach().double())
+    for x, (weights, state) in zip(gramians, expected, strict=True):
+        got = device.weights(x, torch.ones(4))
+        assert torch.allclose(got, weights, rtol=0, atol=1e-6)
+        assert torch.allclose(device.inner_weights, state, rtol=0, atol=1e-12)

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import namespace, working
 from manytask.balance.solvers.simplex import project_simplex
 from manytask.errors import ConfigError
 
@@ -71,18 +71,20 @@ def sdmgrad_inner(
     (0.17 against 0.53 ms for the default 20 steps at 2 tasks), with two tasks in Python floats
     (:func:`_pair_steps`), elsewhere in torch on the device.
     """
-    g = gramian.detach().double()
-    w = start.detach().to(g)
-    if g.device.type == "cpu" and g.shape[0] == 2:
-        steps = _pair_steps(g.tolist(), w.tolist(), lam, lr, momentum, iterations)
-        return torch.tensor(steps, dtype=torch.float64)
-    if g.device.type == "cpu":
-        with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
-            return torch.from_numpy(
-                _inner_steps(g.numpy(), w.numpy(), lam, lr, momentum, iterations)
-            )
-    result: Tensor = _inner_steps(g, w, lam, lr, momentum, iterations)
-    return result
+    g = working(gramian)
+    w = working(start.to(gramian.device))
+    return torch.as_tensor(_steps(g, w, lam, lr, momentum, iterations))
+
+
+def _steps(g: Any, w: Any, lam: float, lr: float, momentum: float, iterations: int) -> Any:
+    """:func:`sdmgrad_inner` on float64 numpy arrays (a CPU: two tasks in Python floats) or
+    tensors."""
+    if not isinstance(g, np.ndarray):
+        return _inner_steps(g, w, lam, lr, momentum, iterations)
+    if g.shape[0] == 2:
+        return np.array(_pair_steps(g.tolist(), w.tolist(), lam, lr, momentum, iterations))
+    with np.errstate(all="ignore"):  # a non-finite Gramian: as torch, silent
+        return _inner_steps(g, w, lam, lr, momentum, iterations)
 
 
 def _pair_steps(
@@ -188,12 +190,18 @@ class SDMGrad(GramianWeighting):
         self.register_buffer("inner_weights", torch.full((t,), 1.0 / t, dtype=torch.float64))
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        finite = torch.isfinite(gramian).all()  # an AMP overflow step leaves the state alone
-        safe = torch.where(finite, gramian, torch.zeros_like(gramian))  # projectable
-        w = sdmgrad_inner(
-            safe, self.inner_weights, self.lam, self.lr, self.momentum, self.iterations
-        )
-        self.inner_weights.copy_(torch.where(finite, w, self.inner_weights))
-        t = self.num_tasks
-        mixed = (w + self.lam / t) / (1.0 + self.lam)
-        return mixed.to(gramian.dtype)
+        g = working(gramian)  # on a CPU the bookkeeping runs in numpy too
+        start = working(self.inner_weights.to(gramian.device))
+        options = (self.lam, self.lr, self.momentum, self.iterations)
+        w: Any
+        if isinstance(g, np.ndarray):  # an AMP overflow step leaves the state alone
+            finite = bool(np.isfinite(g).all())  # a CPU value: nothing to wait for
+            w = _steps(g if finite else np.zeros_like(g), start, *options)
+            if finite:
+                self.inner_weights.copy_(torch.from_numpy(w))
+        else:  # on a device, without reading the test back
+            all_finite = torch.isfinite(g).all()
+            w = _steps(torch.where(all_finite, g, torch.zeros_like(g)), start, *options)
+            self.inner_weights.copy_(torch.where(all_finite, w, self.inner_weights))
+        mixed = (w + self.lam / self.num_tasks) / (1.0 + self.lam)
+        return torch.as_tensor(mixed).to(gramian.dtype)
