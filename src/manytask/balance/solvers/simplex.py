@@ -168,12 +168,24 @@ def _fista(a: Any, b: Any, iterations: int, tol: float, may_stop: bool) -> Any:
     ranks = xp.ones_like(b).cumsum(0)
     step = 1.0 / _largest_eigenvalue(a).clip(min=1e-20)
     w = xp.ones_like(b) / t
-    y = w
+    # the gradient step y − step·(a y + b) as one product: [I − step·a, −step·b] @ [y; 1]
+    descent: Any
+    z: Any
+    if xp is np:
+        descent = np.concatenate([np.eye(t) - step * a, -step * b[:, None]], axis=1)
+        z = np.concatenate([w, np.ones(1)])
+    else:
+        eye = torch.eye(t, dtype=a.dtype, device=a.device)
+        descent = torch.cat([eye - step * a, -step * b[:, None]], dim=1)
+        z = torch.cat([w, w.new_ones(1)])
+    y = z[:t]
     momentum = 1.0
     for k in range(iterations):
-        w_next = project_simplex(y - step * (a @ y + b), ranks)
+        w_next = project_simplex(descent @ z, ranks)
         momentum_next = (1.0 + (1.0 + 4.0 * momentum * momentum) ** 0.5) / 2.0
-        y = w_next + ((momentum - 1.0) / momentum_next) * (w_next - w)
+        difference = w_next - w  # y = w_next + c (w_next − w), written into z
+        difference *= (momentum - 1.0) / momentum_next
+        xp.add(w_next, difference, out=y)
         w, momentum = w_next, momentum_next
         if may_stop and k % 10 == 9:
             polished, optimal = _polish(a, b, w, tol)
