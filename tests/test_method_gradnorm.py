@@ -162,3 +162,30 @@ def test_a_non_finite_step_leaves_the_state_alone():
 def test_invalid_parameters_are_refused(params):
     with pytest.raises(ConfigError, match=next(iter(params))):
         mt.balance.get("gradnorm", NAMES, **params)
+
+
+def buffers(balancer: GradNorm) -> list[tuple[str, torch.Tensor]]:
+    return [(name, value.clone()) for name, value in balancer.named_buffers()]
+
+
+def test_the_update_on_a_device_equals_the_one_on_a_cpu(monkeypatch):
+    """On a CPU the update runs in numpy; on a device in torch (here on CPU tensors, with the
+    Gramian kept a tensor). Same weights and state over steps that include the first (the
+    initial losses), a non-finite Gramian, non-finite losses and a zero initial loss."""
+    from manytask.balance.aggregation import gradnorm
+
+    g = torch.Generator().manual_seed(2)
+    steps = []
+    for _ in range(5):
+        jac = torch.randn(3, 8, generator=g)
+        steps.append((jac @ jac.T, torch.rand(3, generator=g) + 0.1))
+    steps[0][1][1] = 0.0  # a zero initial loss: ratio 1
+    steps.insert(2, (torch.full((3, 3), float("nan")), torch.ones(3)))
+    steps.insert(4, (steps[1][0], torch.tensor([1.0, float("inf"), 1.0])))
+    host, device = GradNorm(["a", "b", "c"]), GradNorm(["a", "b", "c"])
+    expected = [(host.weights(x, v), dict(buffers(host))) for x, v in steps]
+    monkeypatch.setattr(gradnorm, "working", lambda tensor: tensor.detach().double())
+    for (x, v), (weights, state) in zip(steps, expected, strict=True):
+        assert torch.allclose(device.weights(x, v), weights, rtol=0, atol=1e-6)
+        for key, value in buffers(device):
+            assert torch.allclose(value.double(), state[key].double(), rtol=0, atol=1e-12), key

@@ -42,34 +42,42 @@ Defaults and choices:
 
 The weights, the initial losses and whether they were recorded are buffers, so ``state_dict()``
 resumes a run exactly; a step whose Gramian or losses are not finite (an AMP overflow, which the
-scaler then skips) leaves them unchanged. Exact under ``torch.distributed`` (``J`` and the loss
-values are averaged over ranks first). Shared parameters receive ``d``; task-specific parameters
-their own task's (unweighted) gradient.
+scaler then skips) leaves them unchanged. On a CPU the weights' update runs in numpy (a dozen
+operations on ``T`` numbers, where torch's dispatch costs more than the arithmetic); elsewhere
+in torch, on the device, without reading the finite test back. Exact under
+``torch.distributed`` (``J`` and the loss values are averaged over ranks first). Shared
+parameters receive ``d``; task-specific parameters their own task's (unweighted) gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.backend import namespace, working
 from manytask.errors import ConfigError
 
 
 def gradnorm_weight_gradient(
-    norms: Tensor, weights: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float
-) -> Tensor:
-    """``∂L_grad/∂w`` with the targets held constant: ``sign(wᵢnᵢ − Ḡ rᵢ^α) nᵢ``."""
+    norms: Any, weights: Any, losses: Any, initial_losses: Any, alpha: float
+) -> Any:
+    """``∂L_grad/∂w`` with the targets held constant: ``sign(wᵢnᵢ − Ḡ rᵢ^α) nᵢ`` (float64
+    numpy arrays or tensors)."""
+    xp = namespace(norms)
     scaled = weights * norms
-    ratio = torch.where(initial_losses != 0, losses / initial_losses, torch.ones_like(losses))
-    ratio = ratio.clamp_min(0)
+    recorded = initial_losses != 0
+    ratio = xp.where(recorded, losses / xp.where(recorded, initial_losses, 1.0), 1.0).clip(min=0)
     mean_ratio = ratio.mean()
-    relative = torch.where(mean_ratio > 0, ratio / mean_ratio, torch.ones_like(ratio))
-    target = scaled.mean() * relative.pow(alpha)
-    return torch.sign(scaled - target) * norms
+    positive = mean_ratio > 0
+    relative = xp.where(positive, ratio / xp.where(positive, mean_ratio, 1.0), 1.0)
+    target = scaled.mean() * relative**alpha
+    return xp.sign(scaled - target) * norms
 
 
 @registry.register(
@@ -107,6 +115,10 @@ class GradNorm(GramianWeighting):
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        g = working(gramian)
+        on_host = self.task_weights.device.type == "cpu" and losses.device.type == "cpu"
+        if isinstance(g, np.ndarray) and on_host:  # a CPU: a dozen numpy operations
+            return torch.from_numpy(self._host_step(g, working(losses))).to(gramian.dtype)
         current = self.task_weights.clone()
         values = losses.to(current)
         # an AMP overflow step (non-finite gradients or losses) leaves the state alone
@@ -125,3 +137,20 @@ class GradNorm(GramianWeighting):
         )
         self.task_weights.copy_(torch.where(finite, renormalised, current))
         return current.to(gramian.dtype)
+
+    def _host_step(self, g: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """:meth:`weights` on a CPU, where the finite test is a value to branch on."""
+        current: np.ndarray = np.array(self.task_weights.numpy())
+        if not (np.isfinite(g).all() and np.isfinite(values).all()):
+            return current  # an AMP overflow step leaves the state alone
+        initial = self.initial_losses.numpy()  # the buffer's memory
+        if not bool(self.started):
+            initial[...] = values
+            self.started.fill_(True)
+        norms = np.sqrt(g.diagonal().clip(min=0.0))
+        gradient = gradnorm_weight_gradient(norms, current, values, initial, self.alpha)
+        stepped = (current - self.lr * gradient).clip(min=0.0)
+        total = stepped.sum()
+        renormalised = self.num_tasks * stepped / total if total > 0 else np.ones_like(stepped)
+        self.task_weights.copy_(torch.from_numpy(renormalised))
+        return current
