@@ -48,14 +48,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.backend import namespace, working
-from manytask.balance.solvers.cosines import pair_inverse_ones, unit_cosines
+from manytask.balance.solvers.cosines import (
+    pair_inverse_ones,
+    two_tasks_in_closed_form,
+    unit_cosines,
+)
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
 
@@ -63,12 +66,10 @@ from manytask.balance.solvers.precision import relative_rounding
 def config_weights(gramian: Tensor) -> Tensor:
     """ConFIG's weights on the raw gradients (float64): :func:`_config` in numpy on a CPU,
     where its dozen operations on ``T × T`` numbers cost a fraction of torch's."""
-    g = working(gramian)
-    if isinstance(g, np.ndarray) and g.shape == (2, 2):
-        pair = _config_pair(g.tolist(), relative_rounding(gramian))
-        if pair is not None:
-            return torch.tensor(pair, dtype=torch.float64)
-    return torch.as_tensor(_config(g, relative_rounding(gramian)))
+    rounding = relative_rounding(gramian)  # two tasks in closed form (_config_pair)
+    return torch.as_tensor(
+        two_tasks_in_closed_form(working(gramian), rounding, _config_pair, _config)
+    )
 
 
 def _config_pair(g: list[list[float]], rounding: float) -> list[float] | None:

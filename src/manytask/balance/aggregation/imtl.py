@@ -78,14 +78,17 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
 from manytask.balance.solvers.backend import namespace, working
-from manytask.balance.solvers.cosines import pair_inverse_ones, unit_cosines
+from manytask.balance.solvers.cosines import (
+    pair_inverse_ones,
+    two_tasks_in_closed_form,
+    unit_cosines,
+)
 from manytask.balance.solvers.eigh import psd_pseudo_inverse
 from manytask.balance.solvers.precision import relative_rounding
 
@@ -106,11 +109,7 @@ def imtl_g_weights(gramian: Tensor, rounding: float | None = None) -> Tensor:
 def _imtl_g_weights(g: Any, rounding: float) -> Any:
     """:func:`imtl_g_weights` of a float64 Gramian, numpy array or tensor: two tasks on a CPU
     in closed form (:func:`_imtl_g_pair`), the rule through ``C⁺`` otherwise."""
-    if isinstance(g, np.ndarray) and g.shape == (2, 2):
-        pair = _imtl_g_pair(g.tolist(), rounding)
-        if pair is not None:
-            return np.array(pair)
-    return _imtl_g(g, rounding)
+    return two_tasks_in_closed_form(g, rounding, _imtl_g_pair, _imtl_g)
 
 
 def _imtl_g_pair(g: list[list[float]], rounding: float) -> list[float] | None:

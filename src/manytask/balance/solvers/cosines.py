@@ -9,7 +9,10 @@ acts alike on every task, however unequal the norms.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from manytask.balance.solvers.backend import namespace
 
@@ -58,3 +61,18 @@ def pair_inverse_ones(g: list[list[float]], rounding: float) -> tuple[list[float
         return [0.0, 0.0], 0.0
     k = 1.0 / (1.0 + c)
     return [k / n1, k / n2], 2.0 * k
+
+
+def two_tasks_in_closed_form(
+    g: Any,
+    rounding: float,
+    pair: Callable[[list[list[float]], float], list[float] | None],
+    general: Callable[[Any, float], Any],
+) -> Any:
+    """``pair``'s Python-float weights for a 2 × 2 Gramian on a CPU (a numpy array), where it
+    answers (a finite Gramian); ``general`` (numpy or torch) otherwise."""
+    if isinstance(g, np.ndarray) and g.shape == (2, 2):
+        weights = pair(g.tolist(), rounding)
+        if weights is not None:
+            return np.array(weights)
+    return general(g, rounding)
