@@ -4,10 +4,11 @@ implementations."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from manytask.balance.aggregation.pcgrad import PCGrad, _projections, pcgrad_weights
+from manytask.balance.aggregation.pcgrad import PCGrad, _pair_weights, _projections, pcgrad_weights
 from tests.peers import libmtl_direction, manytask_direction, require, torchjd_direction
 
 F64 = torch.float64
@@ -105,3 +106,31 @@ def test_matches_both_peers_without_conflicts_at_any_task_count():
     require("LibMTL")
     theirs = libmtl_direction("PCGrad", jacobian, losses).double()
     assert (ours - theirs).abs().max() <= 1e-5 * jacobian.norm(dim=1).max()
+
+
+def test_two_tasks_in_python_floats_equal_the_projection_rounds():
+    """With two tasks each gradient has one partner; the closed form wᵢ = 1 − min(0, Gⱼᵢ)/Gᵢᵢ
+    equals the rounds (either order) on conflicting, agreeing, orthogonal, zero and NaN
+    Gramians."""
+    g = torch.Generator().manual_seed(3)
+    gramians = []
+    for _ in range(30):
+        jac = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        gramians.append(jac @ jac.T)
+    gramians += [
+        torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64),
+        torch.tensor([[0.0, 0.0], [0.0, 4.0]], dtype=torch.float64),
+        torch.tensor([[1.0, -2.0], [-2.0, 4.0]], dtype=torch.float64),
+        torch.tensor([[1.0, float("nan")], [float("nan"), 4.0]], dtype=torch.float64),
+    ]
+    conflicts = 0
+    for gramian in gramians:
+        got = np.array(_pair_weights(gramian.tolist()))
+        for order in ([[0, 1], [0, 1]], [[1, 0], [1, 0]]):
+            rounds = _projections(gramian.numpy(), np.array(order), np.eye(2), np.arange(2))
+            np.testing.assert_allclose(got, rounds.sum(axis=0), rtol=1e-15, atol=0)
+        conflicts += bool(gramian[0, 1] < 0)
+        assert torch.equal(
+            pcgrad_weights(gramian, torch.tensor([[0, 1], [1, 0]])), torch.tensor(got)
+        )
+    assert conflicts > 5

@@ -40,18 +40,30 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
 
     ``orders[i]`` is a permutation of all task indices; task ``i`` skips itself. The ``T``
     rounds run in numpy on a CPU (each is a few operations on ``T × T`` numbers, where torch's
-    dispatch costs more than the arithmetic: 40 tasks took 1.2 ms in torch), in torch on the
-    Gramian's device elsewhere.
+    dispatch costs more than the arithmetic: 40 tasks took 1.2 ms in torch), two tasks there
+    in closed form (:func:`_pair_weights`), in torch on the Gramian's device elsewhere.
     """
     t = gramian.shape[0]
     if gramian.device.type == "cpu":
         g = gramian.detach().double().numpy()
+        if t == 2:  # one partner each, so the order drops out: Python floats
+            return torch.tensor(_pair_weights(g.tolist()), dtype=gramian.dtype)
         coeff = _projections(g, orders.numpy(), np.eye(t), np.arange(t))
         return torch.from_numpy(coeff.sum(axis=0)).to(gramian.dtype)
     g64 = gramian.double()
     identity = torch.eye(t, dtype=g64.dtype, device=g64.device)
     projected: Tensor = _projections(g64, orders, identity, torch.arange(t, device=g64.device))
     return projected.sum(dim=0).to(gramian.dtype)
+
+
+def _pair_weights(g: list[list[float]]) -> list[float]:
+    """:func:`_projections` summed, for two tasks: ``wᵢ = 1 − min(0, G_ji)/G_ii``, the
+    coefficient of ``gᵢ`` in the other task's projected gradient (with the same floor of
+    ``1e-20`` on ``G_ii`` and the same reading of a NaN: no conflict)."""
+    (g11, g12), (g21, g22) = g
+    w1 = 1.0 - (g21 / (g11 if g11 > 1e-20 else 1e-20) if g21 < 0 else 0.0)
+    w2 = 1.0 - (g12 / (g22 if g22 > 1e-20 else 1e-20) if g12 < 0 else 0.0)
+    return [w1, w2]
 
 
 def _projections(g: Any, orders: Any, coeff: Any, rows: Any) -> Any:
