@@ -55,7 +55,7 @@ from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.backend import namespace, working
+from manytask.balance.solvers.backend import concatenate, identity_like, namespace, working
 from manytask.balance.solvers.simplex import project_simplex
 from manytask.errors import ConfigError
 
@@ -121,21 +121,11 @@ def _inner_steps(g: Any, w: Any, lam: float, lr: float, momentum: float, iterati
     scale = (g.diagonal().clip(min=0) ** 0.5).mean()
     a = g / (scale * scale).clip(min=_TINY)
     pull = a.sum(-1) * (lam / t)  # A (λ w̃) with the uniform preference w̃
-    eye: Any
-    ranks: Any
-    step: Any
-    z: Any
-    if isinstance(g, np.ndarray):
-        eye, ranks = np.eye(t), np.arange(1.0, t + 1.0)
-        step = np.concatenate([eye - lr * a, -momentum * eye, -lr * pull[:, None]], axis=1)
-        z = np.concatenate([w, np.zeros(t), np.ones(1)])
-    else:
-        eye = torch.eye(t, dtype=g.dtype, device=g.device)
-        ranks = torch.arange(1, t + 1, dtype=g.dtype, device=g.device)
-        step = torch.cat([eye - lr * a, -momentum * eye, -lr * pull[:, None]], dim=1)
-        z = torch.cat([w, w.new_zeros(t), w.new_ones(1)])
-    weights, scaled_velocity = z[:t], z[t : 2 * t]  # the momentum starts at zero
     xp = namespace(g)
+    eye, ranks = identity_like(g), xp.ones_like(pull).cumsum(0)
+    step = concatenate([eye - lr * a, -momentum * eye, -lr * pull[:, None]], axis=1)
+    z = concatenate([w, xp.zeros_like(w), xp.ones_like(w[:1])])
+    weights, scaled_velocity = z[:t], z[t : 2 * t]  # the momentum starts at zero
     for _ in range(iterations):
         u = step @ z
         xp.subtract(weights, u, out=scaled_velocity)

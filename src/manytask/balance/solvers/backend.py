@@ -24,3 +24,17 @@ def working(tensor: Any) -> Any:
     operations on ``T × T`` numbers cost a fraction of torch's), a tensor on other devices."""
     x = tensor.detach().double()
     return x.numpy() if x.device.type == "cpu" else x
+
+
+def identity_like(a: Any) -> Any:
+    """The identity of the square matrix ``a``'s size, of its kind, dtype and device."""
+    if isinstance(a, np.ndarray):
+        return np.eye(a.shape[0], dtype=a.dtype)
+    return torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+
+
+def concatenate(parts: list[Any], axis: int = 0) -> Any:
+    """``parts`` (numpy arrays, or tensors) joined along ``axis``."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=axis)
+    return torch.cat(parts, dim=axis)

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import identity_like, namespace
 from manytask.balance.solvers.precision import relative_rounding, with_rounding_shift
 
 _LINE_SEARCH = 30
@@ -168,7 +168,7 @@ def _newton(g: Any, p: float, iterations: int, shift: float, may_stop: bool) -> 
     live = diagonal > 1e-12 * diagonal.max().clip(min=0.0)  # numerically non-zero gradients
     # a zero gradient's variable is decoupled (unit row and column; its weight is set to 0 at
     # the end), so no absolute floor on the diagonal is needed to keep the system defined
-    identity = np.eye(t) if xp is np else torch.eye(t, dtype=g.dtype, device=g.device)
+    identity = identity_like(g)
     a = with_rounding_shift(xp.where(live[:, None] & live[None, :], g / mean, identity), shift, 0.0)
     # start: the best multiple c·v of v = 1/sqrt(diag); f(c v) is minimal at
     # c^(1+p) = Σ vᵢ^(1−p) / vᵀAv

@@ -9,7 +9,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from manytask.balance.solvers.backend import namespace
+from manytask.balance.solvers.backend import concatenate, identity_like, namespace
 from manytask.balance.solvers.eigh import symmetric_eigh
 
 
@@ -169,15 +169,8 @@ def _fista(a: Any, b: Any, iterations: int, tol: float, may_stop: bool) -> Any:
     step = 1.0 / _largest_eigenvalue(a).clip(min=1e-20)
     w = xp.ones_like(b) / t
     # the gradient step y − step·(a y + b) as one product: [I − step·a, −step·b] @ [y; 1]
-    descent: Any
-    z: Any
-    if xp is np:
-        descent = np.concatenate([np.eye(t) - step * a, -step * b[:, None]], axis=1)
-        z = np.concatenate([w, np.ones(1)])
-    else:
-        eye = torch.eye(t, dtype=a.dtype, device=a.device)
-        descent = torch.cat([eye - step * a, -step * b[:, None]], dim=1)
-        z = torch.cat([w, w.new_ones(1)])
+    descent = concatenate([identity_like(a) - step * a, -step * b[:, None]], axis=1)
+    z = concatenate([w, xp.ones_like(w[:1])])
     y = z[:t]
     momentum = 1.0
     for k in range(iterations):
