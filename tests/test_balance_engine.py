@@ -259,6 +259,11 @@ def test_linear_head_rows_give_the_gramian_and_direction_of_their_dense_rows():
     assert torch.allclose(rows.unscaled(torch.tensor(4.0)).dense(), dense / 4)
     single = engine.LinearHeadRows(deltas[:, :3], maps[:, :3], [1, 1, 1])  # one column a task
     assert torch.allclose(single.gramian(), single.dense() @ single.dense().T)
+    assert single.dense().is_contiguous()  # row by row, as the reductions over tasks expect
+    for i in range(3):  # written out by one broadcast product: exactly the outer products
+        assert torch.equal(
+            single.dense()[i], (deltas[:, i : i + 1] @ maps[:, i : i + 1].T).flatten()
+        )
 
 
 class LinearHeadModel(nn.Module):
@@ -424,14 +429,28 @@ def test_factors_are_used_only_where_they_cost_less(monkeypatch):
     assert factored == [True]
 
 
-def test_a_jacobian_aggregator_in_feature_mode_reads_dense_rows_of_linear_heads():
-    model = LinearHeadModel([1, 1, 1])
+@pytest.mark.parametrize("widths", [[1, 1, 1], [1, 2, 1]])
+@pytest.mark.parametrize("trim", [0, 1])
+def test_a_jacobian_aggregator_writes_out_the_factors_of_linear_heads(
+    trim, widths, passes, monkeypatch
+):
+    """A method that reads the rows themselves (the trimmed mean; the other Jacobian
+    aggregators but GradDrop refuse feature mode) gets them from the factors of linear heads
+    (one broadcast product for one-output heads, a product per head otherwise) where the pass
+    is split, and gathered from the single pass elsewhere: the per-task path's gradients."""
+    factored = []
+    original = engine._factored_backward
+    monkeypatch.setattr(
+        engine, "_factored_backward", lambda *a: (factored.append(True), original(*a))
+    )
+    model = LinearHeadModel(widths)
     tasks = ["t0", "t1", "t2"]
-    balancer = mt.balance.get("trimmed_mean", tasks, mode="features")
-    reference = mt.balance.get("trimmed_mean", tasks, mode="features")
-    for a, b in zip(model.run(balancer, True), model.run(reference, False), strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-    assert balancer._heads.unsuitable is False  # never searched
+    balancer = mt.balance.get("trimmed_mean", tasks, mode="features", trim_number=trim)
+    reference = mt.balance.get("trimmed_mean", tasks, mode="features", trim_number=trim)
+    for _ in range(3):
+        for a, b in zip(model.run(balancer, True), model.run(reference, False), strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert factored == ([True] * 3 if passes == "split" else [])
 
 
 @pytest.mark.parametrize(("widths", "leak"), [([1, 1, 1], 0.0), ([1, 1, 1], 0.3), ([1, 2, 1], 0.0)])

@@ -38,6 +38,21 @@ def test_two_steps_by_hand():
     assert torch.allclose(balancer.initial_losses, torch.tensor([1.0, 2.0]).double())
 
 
+@pytest.mark.parametrize("host", [True, False])
+def test_a_task_at_its_target_keeps_its_weight(monkeypatch, host):
+    # first step: ratios 1, w = 1, n = (1, 2, 3) → G = (1, 2, 3), Ḡ = 2 = every target; the
+    # task at its target has sign 0: ∂L_grad/∂w = (−1, 0, 3), w − 0.1·(−1, 0, 3) =
+    # (1.1, 1, 0.7), sum 2.8 → w = 3·(1.1, 1, 0.7)/2.8 (the host and the device path)
+    from manytask.balance.aggregation import gradnorm
+
+    if not host:
+        monkeypatch.setattr(gradnorm, "on_host", lambda *tensors: False)
+    balancer = GradNorm(["a", "b", "c"], lr=0.1)
+    balancer.weights(torch.diag(torch.tensor([1.0, 4.0, 9.0])), torch.tensor([0.5, 1.0, 2.0]))
+    expected = torch.tensor([1.1, 1.0, 0.7], dtype=torch.float64) * 3 / 2.8
+    assert torch.allclose(balancer.task_weights, expected, rtol=0, atol=1e-12)
+
+
 def test_weight_gradient_by_hand():
     # n = (3, 1), w = (7/9, 11/9), L = (0.5, 2), L(0) = (1, 2) → targets (0.967699, 2.737068)
     # with G = (2.333333, 1.222222): signs (+, -) → (3, -1); with α = 0 the targets are Ḡ =
@@ -169,8 +184,8 @@ def buffers(balancer: GradNorm) -> list[tuple[str, torch.Tensor]]:
 
 
 def test_the_update_on_a_device_equals_the_one_on_a_cpu(monkeypatch):
-    """On a CPU the update runs in numpy; on a device in torch (here on CPU tensors, with the
-    Gramian kept a tensor). Same weights and state over steps that include the first (the
+    """On a CPU the update runs in Python floats; on a device in torch (here on CPU tensors,
+    with the host path switched off). Same weights and state over steps that include the first (the
     initial losses), a non-finite Gramian, non-finite losses and a zero initial loss."""
     from manytask.balance.aggregation import gradnorm
 
@@ -184,7 +199,7 @@ def test_the_update_on_a_device_equals_the_one_on_a_cpu(monkeypatch):
     steps.insert(4, (steps[1][0], torch.tensor([1.0, float("inf"), 1.0])))
     host, device = GradNorm(["a", "b", "c"]), GradNorm(["a", "b", "c"])
     expected = [(host.weights(x, v), dict(buffers(host))) for x, v in steps]
-    monkeypatch.setattr(gradnorm, "working", lambda tensor: tensor.detach().double())
+    monkeypatch.setattr(gradnorm, "on_host", lambda *tensors: False)
     for (x, v), (weights, state) in zip(steps, expected, strict=True):
         assert torch.allclose(device.weights(x, v), weights, rtol=0, atol=1e-6)
         for key, value in buffers(device):

@@ -142,22 +142,28 @@ def test_the_torch_steps_of_an_accelerator_equal_the_numpy_steps(t):
     assert torch.equal(start, before)
 
 
-def test_the_weights_on_a_device_equal_those_on_a_cpu(monkeypatch):
+@pytest.mark.parametrize("t", [2, 4])
+def test_the_weights_on_a_device_equal_those_on_a_cpu(monkeypatch, t):
     """A device keeps its Gramian in torch (the finite test stays on the device); on a CPU
-    the bookkeeping runs in numpy. Both give the same weights and states over steps that
-    include a non-finite Gramian (the state is kept, as on a CPU)."""
+    the bookkeeping runs in numpy, or for two tasks in Python floats. Both give the same
+    weights and states over steps that include non-finite Gramians (the state is kept, as on
+    a CPU)."""
     from manytask.balance.aggregation import sdmgrad
 
     g = torch.Generator().manual_seed(5)
     gramians = []
     for _ in range(4):
-        jac = torch.randn(4, 9, generator=g)
+        jac = torch.randn(t, 9, generator=g)
         gramians.append(jac @ jac.T)
-    gramians.insert(2, torch.full((4, 4), float("inf")))
-    host, device = SDMGrad(list("abcd")), SDMGrad(list("abcd"))
-    expected = [(host.weights(x, torch.ones(4)), host.inner_weights.clone()) for x in gramians]
-    monkeypatch.setattr(sdmgrad, "working", lambda tensor: tensor.detach().double())
+    gramians.insert(2, torch.full((t, t), float("inf")))
+    nan = gramians[0].clone()
+    nan[t - 1, t - 1] = float("nan")
+    gramians.insert(4, nan)
+    names = list("abcd")[:t]
+    host, device = SDMGrad(names), SDMGrad(names)
+    expected = [(host.weights(x, torch.ones(t)), host.inner_weights.clone()) for x in gramians]
+    monkeypatch.setattr(sdmgrad, "on_host", lambda *tensors: False)
     for x, (weights, state) in zip(gramians, expected, strict=True):
-        got = device.weights(x, torch.ones(4))
+        got = device.weights(x, torch.ones(t))
         assert torch.allclose(got, weights, rtol=0, atol=1e-6)
         assert torch.allclose(device.inner_weights, state, rtol=0, atol=1e-12)

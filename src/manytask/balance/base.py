@@ -319,9 +319,11 @@ class _GradientMethod(Balancer):
         self.mode = mode
         return self
 
-    #: the method takes its rows as linear-head factors
+    #: the method reads its rows as linear-head factors
     #: (:class:`~manytask.balance.engine.LinearHeadRows`) in feature mode: the Gramian methods,
-    #: which need only ``J Jᵀ`` and ``Jᵀw``, and GradDrop, whose sums factor too
+    #: which need only ``J Jᵀ`` and ``Jᵀw``, and GradDrop, whose sums factor too. The others
+    #: read the rows themselves, which the factors give only where the engine's split pass
+    #: spares the heads' products into ``Z``
     _reads_factors: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -358,8 +360,9 @@ class _GradientMethod(Balancer):
         if self.mode == "features":
             feats = engine.as_feature_list(features)
             if engine.are_task_views(feats, len(items)):
-                heads = self._heads if self._reads_factors else None
-                engine.one_pass_feature_backward(scaled, feats, combine, self._rows, heads)
+                engine.one_pass_feature_backward(
+                    scaled, feats, combine, self._rows, self._heads, not self._reads_factors
+                )
             else:
                 direction = combine(engine.feature_jacobian(scaled, feats))
                 engine.backward_through_features(torch.stack(scaled).sum(), feats, direction)
@@ -467,5 +470,6 @@ class JacobianAggregator(_GradientMethod):
         return None
 
     def _combine(self, jacobian: engine.FeatureRows, losses: Tensor) -> tuple[Tensor, BalanceStep]:
-        assert isinstance(jacobian, Tensor)  # _reads_factors is False: always the rows
-        return self.direction(jacobian, losses), BalanceStep(weights=None)
+        # factors come where the engine's split pass spares the heads' products into Z
+        rows = jacobian.dense() if isinstance(jacobian, engine.LinearHeadRows) else jacobian
+        return self.direction(rows, losses), BalanceStep(weights=None)

@@ -19,6 +19,12 @@ def namespace(x: Any) -> Any:
     return np if isinstance(x, np.ndarray) else torch
 
 
+def on_host(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is on the CPU: where a rule's arithmetic on ``T`` numbers may run
+    in Python floats (with few tasks, even numpy's calls cost more than the arithmetic)."""
+    return all(x.device.type == "cpu" for x in tensors)
+
+
 def working(tensor: Any) -> Any:
     """``tensor`` detached in float64: a numpy array on a CPU (where the rules' few dozen
     operations on ``T × T`` numbers cost a fraction of torch's), a tensor on other devices."""
