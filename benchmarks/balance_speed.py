@@ -5,8 +5,10 @@ on a batch of random regression samples, SGD. A step is: forward, per-task MSE l
 method's backward, optimizer step. For each method and task count, every variant — equal
 weighting (the baseline), manytask in parameter and in feature mode, LibMTL's and torchjd's
 implementations — runs on the same model and data in the same process, the variants timed in
-turn (A B C A B C …) so that drifts of a shared machine cancel in the ratios; the figures are
-medians over ``--steps`` rounds after ``--warmup`` untimed ones.
+turn so that drifts of a shared machine cancel in the ratios, in a new random order each round
+(seeded) so that each follows every other equally often (what ran just before leaves its
+traces in the caches); the figures are medians over ``--steps`` rounds after ``--warmup``
+untimed ones.
 
 Also times one Nash-MTL weight computation: manytask's torch solver against the cvxpy-based
 reference (torchjd's ``NashMTL`` weighting, which follows the authors' cvxpy formulation), with
@@ -361,7 +363,7 @@ def main() -> None:
                     steps[variant] = step
                 elif error:
                     row[f"{variant}_error"] = error
-            for variant, ms in timed_together(steps, args.warmup, args.steps).items():
+            for variant, ms in timed_together(steps, args.warmup, args.steps, shuffle=0).items():
                 row[f"{variant}_ms"] = ms
             rows.append(row)
             print(json.dumps(row), flush=True)
