@@ -91,3 +91,37 @@ def test_invalid_parameters():
         mt.balance.get("aligned_mtl", ["a", "b"], scale_mode="max")
     with pytest.raises(ConfigError, match="scale_mode must be"):
         AlignedMTL(["a", "b"], scale_mode="mean")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@pytest.mark.parametrize("t", [2, 3, 7])
+def test_the_cpu_path_equals_the_device_path(monkeypatch, scale_mode, t):
+    """On a CPU the rule runs on numpy's eigendecomposition with its choices in Python floats;
+    on a device in torch (here on the CPU, with the host path switched off). The same weights
+    on full-rank, rank-deficient (duplicate and far shorter gradients) and zero Gramians."""
+    from manytask.balance.aggregation import aligned_mtl
+
+    g = torch.Generator().manual_seed(t)
+    gramians = []
+    for case in range(6):
+        jac = torch.randn(t, 9, generator=g, dtype=torch.float64)
+        if case == 1:
+            jac[-1] = jac[0]  # duplicate: one eigenvalue at zero
+        if case == 2:
+            jac[0] *= 1e-5  # below the authors' relative tolerance
+        gramians.append(jac @ jac.T)
+    gramians.append(torch.zeros(t, t, dtype=torch.float64))
+    host = [aligned_mtl.aligned_weights(x, scale_mode) for x in gramians]
+    monkeypatch.setattr(aligned_mtl, "on_host", lambda *tensors: False)
+    for x, expected in zip(gramians, host, strict=True):
+        got = aligned_mtl.aligned_weights(x, scale_mode)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (x, got)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("t", [2, 3, 7])
+def test_a_gramian_that_is_not_finite_gives_nan_weights_on_a_cpu(value, t):
+    # an AMP overflow: LAPACK may not converge; the step is skipped by the scaler
+    gramian = torch.eye(t, dtype=torch.float64)
+    gramian[0, 0] = value
+    assert torch.isnan(AlignedMTL(list("abcdefg")[:t]).weights(gramian, torch.ones(t))).all()

@@ -37,14 +37,17 @@ authors' optional decoder scaling is not applied). Exact under ``torch.distribut
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
+from manytask.balance.solvers.backend import on_host
 from manytask.balance.solvers.eigh import symmetric_eigh
 from manytask.errors import ConfigError
 
@@ -57,7 +60,14 @@ AUTHORS_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
-    """``w = B 1`` (float64) for the balance transformation ``B`` of Aligned-MTL."""
+    """``w = B 1`` (float64) for the balance transformation ``B`` of Aligned-MTL.
+
+    On a CPU the rule runs on numpy's LAPACK eigendecomposition with the choices on the
+    eigenvalues in Python floats (:func:`_host_weights`): a dozen calls instead of two dozen
+    torch operations, whose cost in a training step is several microseconds each (feature
+    mode at 2 tasks: 1.22 → 1.16× equal weighting's step)."""
+    if on_host(gramian):
+        return _host_weights(gramian.detach().double().numpy(), scale_mode)
     g = gramian.double()
     t = g.shape[0]
     values, vectors = symmetric_eigh(g)  # ascending
@@ -79,6 +89,30 @@ def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
     ones = torch.ones(t, dtype=g.dtype, device=g.device)
     weights = torch.sqrt(sigma) * (vectors @ (inverse_root * (vectors.T @ ones)))
     return torch.where(count > 0, weights, ones)
+
+
+def _host_weights(g: np.ndarray, scale_mode: ScaleMode) -> Tensor:
+    """:func:`aligned_weights` of a float64 numpy Gramian (LAPACK reads its lower triangle).
+    A Gramian that is not finite (an AMP overflow, whose step the scaler skips) gives NaN
+    weights (LAPACK might not converge on it)."""
+    t = g.shape[0]
+    if not np.isfinite(g).all():
+        return torch.full((t,), math.nan, dtype=torch.float64)
+    values, vectors = np.linalg.eigh(g)  # ascending
+    ordered: list[float] = values.tolist()
+    tolerance = ordered[-1] * t * AUTHORS_EPS
+    valid = [value for value in ordered if value > tolerance]  # the last ``len(valid)``
+    if not valid:
+        return torch.ones(t, dtype=torch.float64)
+    if scale_mode == "min":
+        sigma = valid[0]
+    elif scale_mode == "median":  # torch.median's lower median
+        sigma = valid[(len(valid) - 1) // 2]
+    else:
+        sigma = sum(valid) / len(valid)
+    inverse_root = [1.0 / math.sqrt(value) if value > tolerance else 0.0 for value in ordered]
+    weights = vectors @ (np.array(inverse_root) * vectors.sum(0))  # V diag(λ^-½) Vᵀ 1
+    return torch.from_numpy(weights * math.sqrt(sigma))
 
 
 @registry.register(
