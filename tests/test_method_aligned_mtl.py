@@ -96,8 +96,8 @@ def test_invalid_parameters():
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
 @pytest.mark.parametrize("t", [2, 3, 7])
 def test_the_cpu_path_equals_the_device_path(monkeypatch, scale_mode, t):
-    """On a CPU the rule runs on numpy's eigendecomposition with its choices in Python floats;
-    on a device in torch (here on the CPU, with the host path switched off). The same weights
+    """On a CPU the rule's choices on the eigenvalues run in Python floats and its product in
+    numpy; on a device in torch (here on the CPU, with the host path switched off). The same weights
     on full-rank, rank-deficient (duplicate and far shorter gradients) and zero Gramians."""
     from manytask.balance.aggregation import aligned_mtl
 
@@ -116,12 +116,3 @@ def test_the_cpu_path_equals_the_device_path(monkeypatch, scale_mode, t):
     for x, expected in zip(gramians, host, strict=True):
         got = aligned_mtl.aligned_weights(x, scale_mode)
         assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (x, got)
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("t", [2, 3, 7])
-def test_a_gramian_that_is_not_finite_gives_nan_weights_on_a_cpu(value, t):
-    # an AMP overflow: LAPACK may not converge; the step is skipped by the scaler
-    gramian = torch.eye(t, dtype=torch.float64)
-    gramian[0, 0] = value
-    assert torch.isnan(AlignedMTL(list("abcdefg")[:t]).weights(gramian, torch.ones(t))).all()
