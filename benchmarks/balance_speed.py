@@ -8,11 +8,10 @@ implementations — runs on the same model and data in the same process, the var
 turn so that drifts of a shared machine cancel in the ratios, in a new random order each round
 (seeded) so that each follows every other equally often (what ran just before leaves its
 traces in the caches); the figures are medians over ``--steps`` rounds after ``--warmup``
-untimed ones. Feature mode is also timed as a pair with equal weighting alone ("features ÷
-EW", the ratio the target is about): among all five variants, a peer's step (up to 60 ms at
-k = 10) runs between the two a quarter of the time and leaves the caches cold for the next
-step's Python and numpy code, which no training loop of either does; that ratio is kept too
-("among all").
+untimed ones. "features ÷ EW" here is among all five variants, where a peer's step (up to
+60 ms at k = 10) often runs between the two and leaves the caches cold for the next step's
+Python and numpy code; ``feature_overhead.py`` times that ratio as a pair, in several
+processes.
 
 Also times one Nash-MTL weight computation: manytask's torch solver against the cvxpy-based
 reference (torchjd's ``NashMTL`` weighting, which follows the authors' cvxpy formulation), with
@@ -369,10 +368,6 @@ def main() -> None:
                     row[f"{variant}_error"] = error
             for variant, ms in timed_together(steps, args.warmup, args.steps, shuffle=0).items():
                 row[f"{variant}_ms"] = ms
-            if "ours_features" in steps:
-                pair = {key: steps[key] for key in ("ew", "ours_features")}
-                timed = timed_together(pair, args.warmup, args.steps, shuffle=0)
-                row["pair_ew_ms"], row["pair_features_ms"] = timed["ew"], timed["ours_features"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     nash = {k: nash_weight_timing(k) for k in sizes} if args.peers else {}
@@ -402,15 +397,13 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 def markdown(rows: list[dict[str, Any]], nash: dict[int, Any]) -> str:
     lines = [
         "| method | k | manytask ms | feature mode ms | LibMTL ms | torchjd ms "
-        "| ÷ LibMTL | ÷ torchjd | features ÷ EW | (among all) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ÷ LibMTL | ÷ torchjd | features ÷ EW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ours, feat = r.get("ours_ms"), r.get("ours_features_ms")
         lib, jd = r.get("libmtl_ms"), r.get("torchjd_ms")
-        paired = _ratio(r.get("pair_features_ms"), r.get("pair_ew_ms"))
-        ratios = [_ratio(ours, lib), _ratio(ours, jd), paired, _ratio(feat, r["ew_ms"])]
-        cells = [ours, feat, lib, jd, *ratios]
+        cells = [ours, feat, lib, jd, _ratio(ours, lib), _ratio(ours, jd), _ratio(feat, r["ew_ms"])]
         lines.append(f"| {r['method']} | {r['tasks']} | " + " | ".join(map(_fmt, cells)) + " |")
     if any(nash.values()):
         lines += [
