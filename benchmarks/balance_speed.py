@@ -371,19 +371,25 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     nash = {k: nash_weight_timing(k) for k in sizes} if args.peers else {}
+    write_results(args.out, args.model, {"rows": rows, "nash_mtl_weights": nash})
+    print(markdown(rows, nash))
+
+
+def write_results(path: Path, model: str, results: dict[str, Any]) -> None:
+    """``results`` with the machine, the model and the command, as JSON at ``path``, written
+    to a side file first and then renamed (an interrupted run leaves the last file whole)."""
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "model": args.model,
+        "model": model,
         "command": " ".join(sys.argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": machine, "rows": rows, "nash_mtl_weights": nash}, indent=1)
-    )
-    print(markdown(rows, nash))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"machine": machine, **results}, indent=1))
+    partial.replace(path)
 
 
 def _fmt(value: float | None) -> str:

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import manytask as mt
-from balance_speed import ALIASES, FLOOR, ROOT, build, manytask_step  # this script's folder
+from balance_speed import (  # this script's folder
+    ALIASES,
+    FLOOR,
+    ROOT,
+    build,
+    manytask_step,
+    write_results,
+)
 from manytask import registry
 from timing import timed_together  # this script's folder
 
@@ -86,18 +90,7 @@ def main() -> None:
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"process {index + 1} of {args.processes} done", flush=True)
     rows = summarise(runs)
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": args.model,
-        "command": " ".join(sys.argv),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text(json.dumps({"machine": machine, "rows": rows, "runs": runs}, indent=1))
-    partial.replace(args.out)
+    write_results(args.out, args.model, {"rows": rows, "runs": runs})
     print(markdown(rows, sizes))
 
 
