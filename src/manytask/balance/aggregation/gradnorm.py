@@ -53,31 +53,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from manytask import registry
 from manytask.balance.base import GramianWeighting
-from manytask.balance.solvers.backend import namespace, on_host
+from manytask.balance.solvers.backend import on_host
 from manytask.errors import ConfigError
 
 
 def gradnorm_weight_gradient(
-    norms: Any, weights: Any, losses: Any, initial_losses: Any, alpha: float
-) -> Any:
+    norms: Tensor, weights: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float
+) -> Tensor:
     """``∂L_grad/∂w`` with the targets held constant: ``sign(wᵢnᵢ − Ḡ rᵢ^α) nᵢ`` (float64
-    numpy arrays or tensors)."""
-    xp = namespace(norms)
+    tensors; :meth:`GradNorm._host_step` is the same rule in Python floats)."""
     scaled = weights * norms
     recorded = initial_losses != 0
-    ratio = xp.where(recorded, losses / xp.where(recorded, initial_losses, 1.0), 1.0).clip(min=0)
+    ratio = torch.where(recorded, losses / torch.where(recorded, initial_losses, 1.0), 1.0)
+    ratio = ratio.clip(min=0)
     mean_ratio = ratio.mean()
     positive = mean_ratio > 0
-    relative = xp.where(positive, ratio / xp.where(positive, mean_ratio, 1.0), 1.0)
+    relative = torch.where(positive, ratio / torch.where(positive, mean_ratio, 1.0), 1.0)
     target = scaled.mean() * relative**alpha
-    return xp.sign(scaled - target) * norms
+    return torch.sign(scaled - target) * norms
 
 
 @registry.register(
